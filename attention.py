@@ -1,0 +1,201 @@
+"""
+Hybrid attention: sliding-window (local) and full (global) causal attention, cross-layer KV sharing,
+and the KV cache that makes the hybrid pay off at inference time.
+
+Yi-Lightning's layout: in each block of four layers, three attend only to the last `window` positions and
+one attends to everything; consecutive global layers share one set of keys and values. With a 4096 window
+at 64K context the KV cache shrinks by 1 - (1/4 * 1/2 + 3/4 * 4096/65536) = 82.8%, and the cost of the
+local layers grows linearly with context instead of quadratically.
+
+Read top to bottom: the math (`causal_attention` and its linear-cost local kernel), then RoPE, then the
+layer, then the cache. Imports only torch.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------------------------------
+# The math
+
+def causal_attention(q, k, v, window=None):
+    """Causal attention, full (window=None) or sliding-window (window=w: query i sees keys i-w+1 .. i).
+
+    q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv (grouped-query attention) and S >= T.
+    The T queries are the last T of the S positions (S > T when decoding after a cache).
+    Returns (B, Hq, T, D). Scale 1/sqrt(D).
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, H, T, D); got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k/v batch and head dim must match q: q is {tuple(q.shape)}, k is {tuple(k.shape)}")
+    if Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for GQA")
+    if S < T:
+        raise ValueError(f"need at least as many keys as queries (S >= T); got S={S}, T={T}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 (or None for global attention); got {window}")
+
+    if window is not None and window < S:
+        return _local_attention(q, k, v, window)
+    # Global attention (or a window that covers every key, which is the same thing).
+    if T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hq != Hkv)
+    if T == 1:  # one decoding query sees every cached key: no mask at all
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
+    # SDPA's is_causal aligns the mask top-left; queries that continue a cache need it bottom-right.
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hkv)
+
+
+def _local_attention(q, k, v, window):
+    """Sliding-window attention in time and memory linear in T: cut the queries into blocks of `window`;
+    each block needs only the keys from `window - 1` positions before its first query to its last query,
+    a span of 2*window - 1 keys. All blocks go through one batched SDPA call with a small banded mask.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g, w = Hq // Hkv, window
+    # Keys older than the first query's window are never seen: drop them. Then pad the front so that
+    # block b's key span starts exactly at index b*w, and pad the end so every span is complete.
+    first = max(0, S - T - (w - 1))
+    k, v = k[:, :, first:], v[:, :, first:]
+    front = (w - 1) - (S - first - T)                        # zero keys before the first real key
+    nb = math.ceil(T / w)                                    # number of query blocks
+    span = 2 * w - 1
+    back = nb * w + w - 1 - (front + k.shape[2])
+    k = F.pad(k, (0, 0, front, back))
+    v = F.pad(v, (0, 0, front, back))
+    kb = k.unfold(2, span, w).transpose(-1, -2)              # (B, Hkv, nb, span, D)
+    vb = v.unfold(2, span, w).transpose(-1, -2)
+    # Queries: (B, Hq, T, D) -> (B, Hkv, nb, g*w, D), so the g query heads of a group share their K/V block.
+    qb = F.pad(q, (0, 0, 0, nb * w - T)).view(B, Hkv, g, nb, w, D).transpose(2, 3).reshape(B, Hkv, nb, g * w, D)
+    # Query r of a block sits at span index r + w - 1 and sees span indices r .. r + w - 1. Padding keys at
+    # the end lie after every real query, so the band already hides them; the front padding needs masking.
+    r = torch.arange(w, device=q.device)[:, None]
+    c = torch.arange(span, device=q.device)[None, :]
+    band = (c >= r) & (c <= r + w - 1)                       # (w, span)
+    real = torch.arange(nb * w + w - 1, device=q.device).unfold(0, span, w) >= front  # (nb, span)
+    mask = (band[None] & real[:, None, :]).repeat(1, g, 1)   # (nb, g*w, span)
+    out = F.scaled_dot_product_attention(qb.flatten(0, 1), kb.flatten(0, 1), vb.flatten(0, 1), attn_mask=mask)
+    out = out.view(B, Hkv, nb, g, w, D).transpose(2, 3).reshape(B, Hq, nb * w, D)
+    return out[:, :, :T]
+
+
+# -----------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE). A long-context stage raises `base` so that far positions stay apart.
+
+def rope_cache(positions, head_dim, base=10000.0):
+    """cos and sin tables for the given absolute positions: each (len(positions), head_dim // 2)."""
+    if head_dim % 2 != 0:
+        raise ValueError(f"RoPE needs an even head dimension; got {head_dim}")
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, H, T, D) by the position angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+# -----------------------------------------------------------------------------------------------------
+# One attention layer
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with GQA, local or global.
+
+    window=None: global; window=w: local. share_kv=True (global layers only): the layer takes the K/V that
+    the previous global layer computed and owns only its query and output projections.
+    """
+
+    def __init__(self, n_embd, n_head, n_kv_head, window=None, share_kv=False, dropout=0.0):
+        super().__init__()
+        if share_kv and window is not None:
+            raise ValueError("only global layers share K/V (a sharing layer must have window=None)")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
+        self.window, self.share_kv = window, share_kv
+        self.q_proj = nn.Linear(n_embd, n_head * self.head_dim, bias=False)
+        self.kv_proj = None if share_kv else nn.Linear(n_embd, 2 * n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_head * self.head_dim, n_embd, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, cos, sin, shared_kv=None, cache=None, layer=None):
+        """x (B, T, C); cos/sin for the T new positions. Returns (y, (k, v)) where k, v are all the keys and
+        values this layer attended to, so that a following sharing layer can reuse them."""
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        if self.share_kv:
+            if shared_kv is None:
+                raise ValueError("a KV-sharing layer needs the K/V of the previous global layer")
+            k, v = shared_kv
+        else:
+            k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+            k = apply_rope(k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
+        y = causal_attention(q, k, v, self.window)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.dropout(self.o_proj(y)), (k, v)
+
+
+# -----------------------------------------------------------------------------------------------------
+# The KV cache for decoding
+
+class KVCache:
+    """Keys and values of past positions, per layer, for decoding one token (or a chunk) at a time.
+
+    layers: one entry per layer: an int window (local: a ring buffer of at most `window` positions),
+    None (global: every position up to max_len), or "shared" (stores nothing; reuses the previous global).
+    """
+
+    def __init__(self, layers, batch_size, n_kv_head, head_dim, max_len, device=None, dtype=torch.float32):
+        self.layers, self.max_len, self.pos = list(layers), max_len, 0
+        self.k, self.v = [], []
+        for kind in self.layers:
+            n = 0 if kind == "shared" else (max_len if kind is None else min(kind, max_len))
+            shape = (batch_size, n_kv_head, n, head_dim)
+            self.k.append(torch.zeros(shape, device=device, dtype=dtype) if n else None)
+            self.v.append(torch.zeros(shape, device=device, dtype=dtype) if n else None)
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+    def check_room(self, T):
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache is full: it holds {self.max_len} positions, {self.pos} are used and "
+                             f"{T} more were given; make the cache with a larger max_len")
+
+    def update(self, layer, k, v):
+        """Store the new k, v (B, H, T, D) at positions pos .. pos+T-1 of this layer and return every key and
+        value the new queries may attend to, in position order (a ring may return the last window unordered
+        when T == 1: a single query's attention does not depend on key order)."""
+        T, window, K, V = k.shape[2], self.layers[layer], self.k[layer], self.v[layer]
+        if window is None:  # global: append
+            K[:, :, self.pos:self.pos + T] = k
+            V[:, :, self.pos:self.pos + T] = v
+            return K[:, :, :self.pos + T], V[:, :, :self.pos + T]
+        n = K.shape[2]  # ring size; position p lives in slot p % n
+        if T == 1:
+            K[:, :, self.pos % n] = k[:, :, 0]
+            V[:, :, self.pos % n] = v[:, :, 0]
+            filled = min(self.pos + 1, n)
+            return K[:, :, :filled], V[:, :, :filled]
+        # A chunk: lay out the kept past in order, append the chunk, keep the last n positions in the ring.
+        past = torch.arange(max(0, self.pos - n), self.pos, device=K.device) % n
+        k_all = torch.cat([K[:, :, past], k], dim=2)
+        v_all = torch.cat([V[:, :, past], v], dim=2)
+        keep = torch.arange(self.pos + T - min(n, k_all.shape[2]), self.pos + T, device=K.device)
+        K[:, :, keep % n] = k_all[:, :, keep - (self.pos + T - k_all.shape[2])]
+        V[:, :, keep % n] = v_all[:, :, keep - (self.pos + T - v_all.shape[2])]
+        return k_all, v_all

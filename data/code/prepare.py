@@ -1,0 +1,39 @@
+"""Python source from the local standard library (present on every machine), GPT-2 BPE.
+
+Files are taken in sorted path order (tests and vendored packages skipped) until --max_bytes; each file is one
+document ending with the end-of-text token; every 10th file goes to val. Deterministic for a given Python.
+Run: python data/code/prepare.py [--max_bytes=3000000]"""
+import os
+import sys
+import sysconfig
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from corpus import GPT2_EOT, gpt2_encoding, write_corpus  # noqa: E402
+
+max_bytes = 3_000_000
+for arg in sys.argv[1:]:
+    if not arg.startswith("--max_bytes="):
+        sys.exit(f"unknown argument {arg!r}; usage: python data/code/prepare.py [--max_bytes=N]")
+    max_bytes = int(arg.split("=", 1)[1])
+
+stdlib = sysconfig.get_paths()["stdlib"]
+skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "ensurepip", "__pycache__", "turtledemo"}
+paths = []
+for root, dirs, files in os.walk(stdlib):
+    dirs[:] = sorted(d for d in dirs if d not in skip)
+    paths += [os.path.join(root, f) for f in sorted(files) if f.endswith(".py")]
+paths.sort()
+
+enc = gpt2_encoding()
+train, val, total = [], [], 0
+for i, path in enumerate(paths):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    (val if i % 10 == 9 else train).extend(enc.encode_ordinary(text) + [GPT2_EOT])
+    total += len(text)
+    if total >= max_bytes:
+        break
+if not train or not val:
+    sys.exit(f"found too little Python source under {stdlib} to build the code corpus")
+write_corpus("code", train, val, {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "source": stdlib,
+                                  "files": i + 1, "bytes": total})

@@ -1,0 +1,77 @@
+"""Your own data: tokenize text or JSONL files (or a FineWeb-Edu sample, with a network) into data/<name>/.
+
+    python data/text/prepare.py --name=mydata notes.txt more/*.txt corpus.jsonl
+    python data/text/prepare.py --name=fineweb --fineweb_docs=100000      # needs `pip install datasets`
+
+Each .txt file is one document; each line of a .jsonl file is a document whose "text" field is read. Documents
+end with the end-of-text token; every --val_every-th document goes to val (default 20). GPT-2 BPE."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from corpus import GPT2_EOT, corpus_dir, gpt2_encoding, write_corpus  # noqa: E402
+
+
+def documents_from_files(paths):
+    for path in paths:
+        if not os.path.isfile(path):
+            sys.exit(f"no such file: {path}")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if path.endswith(".jsonl"):
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)["text"]
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            sys.exit(f"{path}:{n}: expected a JSON object with a \"text\" field")
+            else:
+                yield f.read()
+
+
+def documents_from_fineweb(n_docs):
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        sys.exit("the FineWeb-Edu path needs the `datasets` package: pip install datasets")
+    try:
+        stream = load_dataset("HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train", streaming=True)
+        for i, row in enumerate(stream):
+            if i >= n_docs:
+                break
+            yield row["text"]
+    except Exception as e:  # the hub raises many types; all mean the same thing to a user here
+        sys.exit(f"could not stream FineWeb-Edu from the Hugging Face hub ({type(e).__name__}: {e}); "
+                 f"this needs a network. Offline, pass local .txt/.jsonl files instead.")
+
+
+def main(argv):
+    options, files = {"name": None, "val_every": "20", "fineweb_docs": None}, []
+    for arg in argv:
+        if arg.startswith("--"):
+            key, _, value = arg[2:].partition("=")
+            if key not in options:
+                sys.exit(f"unknown option {arg!r}; known: " + ", ".join(f"--{k}=" for k in options))
+            options[key] = value
+        else:
+            files.append(arg)
+    name = options["name"]
+    if not name or not name.replace("_", "").isalnum():
+        sys.exit("give the corpus a name of letters, digits and _: --name=mydata")
+    if not files and not options["fineweb_docs"]:
+        sys.exit("give text/JSONL files to tokenize, or --fineweb_docs=N to stream FineWeb-Edu")
+    docs = documents_from_fineweb(int(options["fineweb_docs"])) if options["fineweb_docs"] else \
+        documents_from_files(files)
+    enc, val_every = gpt2_encoding(), int(options["val_every"])
+    train, val, n = [], [], 0
+    for n, doc in enumerate(docs, 1):
+        (val if n % val_every == 0 else train).extend(enc.encode_ordinary(doc) + [GPT2_EOT])
+    if not train or not val:
+        sys.exit(f"{n} document(s) give an empty train or val split; give at least {val_every} documents "
+                 f"or a smaller --val_every")
+    write_corpus(name, train, val, {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "documents": n},
+                 directory=corpus_dir(name))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

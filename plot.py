@@ -1,0 +1,96 @@
+"""
+Plots of a training run, from its out_dir/metrics.jsonl, into out_dir/plots/:
+
+    loss.png     train and val loss per corpus over tokens, stage boundaries marked (+ arith accuracy)
+    experts.png  routed experts per token, per MoE layer, over training
+    load.png     share of tokens per expert, per MoE layer (the load balance), over the last tenth of training
+
+Run: python plot.py out/<run>   (train.py calls it at the end of a run)
+"""
+
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"no metrics.jsonl in {out_dir}: is it a run directory written by train.py?")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def stage_starts(train):
+    """(tokens, stage) at the first logged step of every stage after the first."""
+    return [(prev["tokens"], r["stage"]) for prev, r in zip(train, train[1:]) if r["stage"] != prev["stage"]]
+
+
+def plot_run(out_dir):
+    records = read_metrics(out_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    if not train:
+        raise SystemExit(f"{out_dir}/metrics.jsonl has no training records yet")
+    folder = os.path.join(out_dir, "plots")
+    os.makedirs(folder, exist_ok=True)
+    boundaries = stage_starts(train)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([r["tokens"] for r in train], [r["ce"] for r in train], color="0.7", lw=1, label="train (mixture)")
+    for corpus in (evals[0]["val"] if evals else []):
+        ax.plot([r["tokens"] for r in evals], [r["val"][corpus] for r in evals], marker="o", ms=3,
+                label=f"val {corpus}")
+    for tokens, stage in boundaries:
+        ax.axvline(tokens, color="k", ls="--", lw=0.8)
+        ax.text(tokens, ax.get_ylim()[1], f" stage {stage}", va="top", fontsize=8)
+    ax.set(xlabel="tokens", ylabel="cross-entropy (nats/token)", title="Loss per corpus")
+    ax.legend(loc="upper right", fontsize=8)
+    accuracy = [r for r in evals if "arith_accuracy" in r]
+    if accuracy:
+        ax2 = ax.twinx()
+        ax2.plot([r["tokens"] for r in accuracy], [r["arith_accuracy"]["all"] for r in accuracy], color="tab:red",
+                 ls=":", marker="s", ms=3, label="arith exact match")
+        ax2.set(ylabel="arith exact-match accuracy", ylim=(0, 1))
+        ax2.legend(loc="center right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "loss.png"), dpi=110)
+    plt.close(fig)
+
+    n_moe = len(train[-1]["experts_per_token"])
+    if n_moe:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for layer in range(n_moe):
+            ax.plot([r["tokens"] for r in train], [r["experts_per_token"][layer] for r in train],
+                    label=f"MoE layer {layer}")
+        for tokens, _ in boundaries:
+            ax.axvline(tokens, color="k", ls="--", lw=0.8)
+        ax.set(xlabel="tokens", ylabel="routed experts per token", title="Experts per token (top-p routing)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "experts.png"), dpi=110)
+        plt.close(fig)
+
+        last = train[-max(1, len(train) // 10):]
+        load = [[sum(r["tokens_per_expert"][layer][e] for r in last) for e in range(len(last[0]["tokens_per_expert"][0]))]
+                for layer in range(n_moe)]
+        share = [[c / max(1e-9, sum(row)) for c in row] for row in load]
+        fig, ax = plt.subplots(figsize=(8, 1 + 0.5 * n_moe))
+        image = ax.imshow(share, aspect="auto", cmap="viridis")
+        fig.colorbar(image, ax=ax, label="share of the layer's assignments")
+        ax.set(xlabel="expert", ylabel="MoE layer", title="Load per expert (last 10% of training)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "load.png"), dpi=110)
+        plt.close(fig)
+    print(f"plots written to {folder}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python plot.py out/<run>")
+    plot_run(sys.argv[1])

@@ -1,0 +1,247 @@
+"""
+Dynamic top-p routing over a fine-grained Mixture-of-Experts with shared experts.
+
+Top-p routing (Huang et al. 2024, "Harder Tasks Need More Experts"): softmax the router logits, sort, and
+keep the smallest set of experts whose probabilities add up to at least p. A confident token needs one
+expert; a token the router is unsure about spreads its probability and so gets several. Each kept expert's
+output is weighted by its router probability, without renormalising (the paper's choice: the weights then
+carry the router's confidence). The paper uses p = 0.4, a Switch-style balance loss (weight 1e-2) and an
+entropy "dynamic loss" (weight 1e-4) that stops the router from spreading probability just to buy more
+experts; it reports 1.76 experts per token on average. Yi-Lightning adds balance across expert groups.
+
+Read top to bottom: the selection rules, the losses, then the layer and its dropless dispatch.
+Imports only torch.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------------------------------
+# Which experts does each token get?
+
+def _check_probs(probs):
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be (tokens, experts); got shape {tuple(probs.shape)}")
+
+
+def _keep_first(probs, n_keep):
+    """Select the n_keep[i] highest-probability experts of row i; ties go to the lower expert index."""
+    order = probs.sort(dim=-1, descending=True, stable=True).indices
+    ranks_kept = torch.arange(probs.shape[1], device=probs.device)[None, :] < n_keep[:, None]
+    return torch.zeros_like(ranks_kept).scatter(-1, order, ranks_kept)
+
+
+def top_p_mask(probs, p, min_k=1, max_k=None):
+    """Bool (N, E) mask: per row, the smallest set of highest-probability experts whose probabilities sum
+    to >= p, then clamped to between min_k and max_k experts. p >= 1 selects every expert."""
+    _check_probs(probs)
+    E = probs.shape[1]
+    max_k = E if max_k is None else max_k
+    if not 0 < p <= 1:
+        raise ValueError(f"top_p must be in (0, 1]; got {p}")
+    if not 1 <= min_k <= E:
+        raise ValueError(f"min_k must be in [1, n_experts={E}]; got {min_k}")
+    if not min_k <= max_k <= E:
+        raise ValueError(f"max_k must be in [min_k={min_k}, n_experts={E}]; got {max_k}")
+    if p >= 1:
+        n_keep = torch.full((probs.shape[0],), E, device=probs.device)
+    else:
+        # Sum in float64 so the threshold is not decided by float32 rounding of the running sum.
+        sorted_p = probs.double().sort(dim=-1, descending=True, stable=True).values
+        before = sorted_p.cumsum(-1) - sorted_p        # mass of the experts ranked above each one
+        n_keep = (before < p).sum(-1)                  # keep an expert while the mass so far is short of p
+    return _keep_first(probs, n_keep.clamp(min_k, max_k))
+
+
+def top_k_mask(probs, k):
+    """Bool (N, E) mask of the k highest-probability experts per row (ties to the lower expert index)."""
+    _check_probs(probs)
+    if not 1 <= k <= probs.shape[1]:
+        raise ValueError(f"top_k must be in [1, n_experts={probs.shape[1]}]; got {k}")
+    return _keep_first(probs, torch.full((probs.shape[0],), k, device=probs.device))
+
+
+# -----------------------------------------------------------------------------------------------------
+# Auxiliary losses: pure functions of the router's probabilities and choices
+
+def load_balance_loss(probs, mask, n_groups=1):
+    """Switch-style balance: G * sum_g f_g * P_g over G groups of experts (G = n_experts: expert level).
+
+    f_g is the fraction of (token, expert) assignments that went to group g, P_g the mean router
+    probability of its experts. Both sum to 1; the loss is 1 when routing is uniform and grows as load
+    concentrates. Only P carries gradient (f comes from a discrete choice)."""
+    E = probs.shape[1]
+    if E % n_groups != 0:
+        raise ValueError(f"n_experts ({E}) must be divisible by the number of expert groups ({n_groups})")
+    f = mask.float().sum(0)
+    f = f / f.sum().clamp(min=1)
+    P = probs.float().mean(0)
+    f, P = f.view(n_groups, -1).sum(1), P.view(n_groups, -1).sum(1)
+    return n_groups * (f * P).sum()
+
+
+def router_entropy(probs):
+    """Mean entropy of the router's distribution (Huang et al.'s "dynamic loss"): penalising it stops the
+    router from flattening its probabilities just to activate more experts under top-p."""
+    return -(probs * torch.log(probs.clamp(min=1e-20))).sum(-1).mean()
+
+
+def router_z_loss(logits):
+    """Mean squared log-partition of the router logits (ST-MoE): keeps the logits small and stable."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+# -----------------------------------------------------------------------------------------------------
+# The MoE layer
+
+class SwiGLU(nn.Module):
+    """A dense gated MLP: w2(silu(x w1) * (x w3)). Used for dense layers and for the shared experts."""
+
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(n_embd, hidden, bias=False)
+        self.w3 = nn.Linear(n_embd, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def grouped_mm_available(x, w):
+    """torch._grouped_mm runs in fp32 on CPU and in bf16 on Hopper-class GPUs (torch >= 2.8); it needs
+    rows of x and of w that are multiples of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], w.shape[1], w.shape[2]))
+    device_ok = x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16
+                                           and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    return aligned and device_ok
+
+
+def _expert_matmul(x, w, counts, grouped):
+    """x (M, a) sorted by expert, w (E, a, b), counts (E,) rows per expert -> (M, b): each expert's
+    contiguous slice times its own weight. One grouped GEMM where the installed torch can do it."""
+    w = w.to(x.dtype)
+    if grouped and grouped_mm_available(x, w):
+        return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    # The loop still multiplies an empty slice for an expert with no tokens, so its weights stay in the
+    # autograd graph (zero gradient) and DDP needs no find_unused_parameters.
+    return torch.cat([xe @ we for xe, we in zip(x.split(counts.tolist()), w)])
+
+
+class MoE(nn.Module):
+    """n_experts fine-grained routed SwiGLU experts (hidden size `expert_hidden` each) plus n_shared
+    always-on experts. forward(x) -> (y, aux_loss); statistics of the last forward in `self.stats`.
+
+    Each expert has 3 * n_embd * expert_hidden parameters; a token uses n_shared of them always and, on
+    average, `stats["experts_per_token"]` routed ones. The n_shared shared experts are one SwiGLU of hidden
+    n_shared * expert_hidden: the sum of independent MLPs is exactly an MLP with their hidden units side
+    by side.
+    """
+
+    def __init__(self, n_embd, n_experts, expert_hidden, n_shared=1, routing="top_p", top_p=0.4, top_k=2,
+                 min_k=1, max_k=None, n_groups=1, balance_loss=1e-2, group_balance_loss=0.0,
+                 entropy_loss=1e-4, z_loss=1e-3, target_experts=None, controller_gain=0.01, grouped_mm=True):
+        super().__init__()
+        if n_experts < 1:
+            raise ValueError(f"n_experts must be >= 1; got {n_experts}")
+        if n_shared < 0:
+            raise ValueError(f"n_shared must be >= 0; got {n_shared}")
+        self.n_experts, self.n_groups, self.grouped_mm = n_experts, n_groups, grouped_mm
+        self.min_k, self.max_k = min_k, max_k
+        self.configure(routing=routing, top_p=top_p, top_k=top_k, balance_loss=balance_loss,
+                       group_balance_loss=group_balance_loss, entropy_loss=entropy_loss, z_loss=z_loss,
+                       target_experts=target_experts, controller_gain=controller_gain)
+        self.router = nn.Linear(n_embd, n_experts, bias=False)
+        scale = n_embd ** -0.5
+        self.w1 = nn.Parameter(torch.randn(n_experts, n_embd, expert_hidden) * scale)
+        self.w3 = nn.Parameter(torch.randn(n_experts, n_embd, expert_hidden) * scale)
+        self.w2 = nn.Parameter(torch.randn(n_experts, expert_hidden, n_embd) * expert_hidden ** -0.5)
+        self.shared = SwiGLU(n_embd, n_shared * expert_hidden) if n_shared > 0 else None
+        self.stats = {}
+
+    def configure(self, **settings):
+        """Change router settings (a training stage may); validated here so a bad stage fails at once."""
+        for key, value in settings.items():
+            if key not in self._SETTINGS:
+                raise ValueError(f"unknown router setting {key!r}; known: {sorted(self._SETTINGS)}")
+            setattr(self, key, value)
+        if self.routing not in ("top_p", "top_k"):
+            raise ValueError(f"routing must be 'top_p' or 'top_k'; got {self.routing!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}]; got {self.top_k}")
+        if self.n_experts % self.n_groups != 0:
+            raise ValueError(f"n_experts ({self.n_experts}) must be divisible by n_groups ({self.n_groups})")
+        if self.target_experts is not None and not 1 <= self.target_experts <= self.n_experts:
+            raise ValueError(f"target_experts must be in [1, n_experts]; got {self.target_experts}")
+        if not 1 <= self.min_k <= (self.max_k or self.n_experts) <= self.n_experts:
+            raise ValueError(f"need 1 <= min_k <= max_k <= n_experts; got min_k={self.min_k}, "
+                             f"max_k={self.max_k}, n_experts={self.n_experts}")
+
+    _SETTINGS = {"routing", "top_p", "top_k", "balance_loss", "group_balance_loss", "entropy_loss", "z_loss",
+                 "target_experts", "controller_gain"}
+
+    # top_p can move during training (the sparsity controller), so it travels with the state dict.
+    def get_extra_state(self):
+        return {"top_p": self.top_p}
+
+    def set_extra_state(self, state):
+        self.top_p = state["top_p"]
+
+    def route(self, x):
+        """Router in fp32: returns logits, probabilities and the bool selection mask, each (N, E)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())
+        probs = logits.softmax(-1)
+        if self.routing == "top_p":
+            mask = top_p_mask(probs.detach(), self.top_p, self.min_k, self.max_k)
+        else:
+            mask = top_k_mask(probs.detach(), self.top_k)
+        return logits, probs, mask
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, probs, mask = self.route(x)
+
+        # Dropless dispatch: list the (expert, token) pairs sorted by expert, gather the tokens into one
+        # buffer, run every expert on its contiguous slice, scale by the router probability, scatter back.
+        expert, token = mask.t().nonzero(as_tuple=True)
+        counts = mask.sum(0)
+        xs = x[token]
+        g = self.grouped_mm
+        h = F.silu(_expert_matmul(xs, self.w1, counts, g)) * _expert_matmul(xs, self.w3, counts, g)
+        ys = _expert_matmul(h, self.w2, counts, g)
+        ys = ys * probs[token, expert].unsqueeze(1).to(ys.dtype)
+        y = torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+        if self.shared is not None:
+            y = y + self.shared(x)
+
+        aux = self.balance_loss * load_balance_loss(probs, mask)
+        if self.group_balance_loss and self.n_groups > 1:
+            aux = aux + self.group_balance_loss * load_balance_loss(probs, mask, self.n_groups)
+        if self.entropy_loss:
+            aux = aux + self.entropy_loss * router_entropy(probs)
+        if self.z_loss:
+            aux = aux + self.z_loss * router_z_loss(logits)
+
+        k = mask.sum(-1)
+        self.stats = {  # detached tensors: reading them is the caller's choice (it syncs a GPU)
+            "experts_per_token": k.float().mean().detach(),
+            "k_per_token": k.view(shape[:-1]).detach(),
+            "k_histogram": torch.bincount(k, minlength=self.n_experts + 1)[1:].detach(),
+            "tokens_per_expert": counts.detach(),
+        }
+        return y.view(shape), aux
+
+    def adjust_p(self, experts_per_token):
+        """Sparsity control (DTop-p style): nudge top_p toward the target average experts per token.
+        Call once per optimizer step with the mean measured over all ranks, so every rank moves alike."""
+        if self.target_experts is None or self.routing != "top_p":
+            return
+        error = (self.target_experts - experts_per_token) / self.n_experts
+        self.top_p = float(min(1.0, max(1e-3, self.top_p + self.controller_gain * error)))
