@@ -66,13 +66,15 @@ def top_k_mask(probs, k):
 # -----------------------------------------------------------------------------------------------------
 # Auxiliary losses: pure functions of the router's probabilities and choices
 
-def load_balance_loss(probs, mask, n_groups=1):
-    """Switch-style balance: G * sum_g f_g * P_g over G groups of experts (G = n_experts: expert level).
+def load_balance_loss(probs, mask, n_groups=None):
+    """Switch-style balance: G * sum_g f_g * P_g over G groups of experts (default G = n_experts: the
+    expert level; G = number of expert-parallel ranks: the group level).
 
     f_g is the fraction of (token, expert) assignments that went to group g, P_g the mean router
     probability of its experts. Both sum to 1; the loss is 1 when routing is uniform and grows as load
     concentrates. Only P carries gradient (f comes from a discrete choice)."""
     E = probs.shape[1]
+    n_groups = n_groups or E
     if E % n_groups != 0:
         raise ValueError(f"n_experts ({E}) must be divisible by the number of expert groups ({n_groups})")
     f = mask.float().sum(0)

@@ -291,7 +291,8 @@ def main(argv):
     ckpt = None
     if cfg.resume and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, model_cfg, cfg, world_size)
-    state = ckpt["state"] if ckpt else {"stage": 0, "step": 0, "global_step": 0, "tokens": 0, "best_val": None}
+    state = dict(ckpt["state"]) if ckpt else {"stage": 0, "step": 0, "global_step": 0, "tokens": 0, "best_val": None}
+    resume_stage = state["stage"] if ckpt else None
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         if ckpt is None:
@@ -350,8 +351,9 @@ def main(argv):
     t_last, tokens_last = time.time(), state["tokens"]
     for s in range(state["stage"], len(stages)):
         stage = stages[s]
-        loader = MixtureLoader(stage.mixture, stage.seq_len, stage.batch_size, seed=cfg.seed, rank=rank, stream=s)
-        if ckpt is not None and s == ckpt["state"]["stage"]:  # resuming inside this stage
+        loader = MixtureLoader(stage.mixture, stage.seq_len, stage.batch_size, seed=cfg.seed, rank=rank,
+                               world_size=world_size, stream=s)
+        if s == resume_stage:  # resuming inside this stage
             raw_model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["ranks"][rank]["rng"]["cpu"])

@@ -120,12 +120,14 @@ def mixture_tokenizer(names):
 class MixtureLoader:
     """Batches of (x, y) int64 (batch_size, seq_len), y = x shifted by one, from a weighted mixture.
 
-    Seeded by (seed, rank, stream): every DDP rank draws its own stream, and the same seed draws the same
-    batches. state_dict()/load_state_dict() capture the random state, so a resumed run continues with
-    exactly the batch it would have drawn next.
+    Every call draws one global micro-batch of batch_size * world_size rows from a stream seeded by
+    (seed, stream), row by row, and rank r keeps rows r*batch_size .. (r+1)*batch_size - 1. So the ranks
+    see different data, and the global batch does not depend on the world size: 2 ranks with one micro-step
+    each see exactly what 1 process sees in two micro-steps. state_dict()/load_state_dict() capture the
+    random state, so a resumed run continues with exactly the batch it would have drawn next.
     """
 
-    def __init__(self, mixture, seq_len, batch_size, split="train", seed=0, rank=0, stream=0):
+    def __init__(self, mixture, seq_len, batch_size, split="train", seed=0, rank=0, world_size=1, stream=0):
         if not isinstance(mixture, dict) or not mixture:
             raise ValueError(f"a mixture must be a non-empty dict corpus -> weight; got {mixture!r}")
         for name, weight in mixture.items():
@@ -135,25 +137,25 @@ class MixtureLoader:
         self.names = list(mixture)
         weights = np.array([mixture[n] for n in self.names], dtype=np.float64)
         self.weights = weights / weights.sum()
-        self.seq_len, self.batch_size = seq_len, batch_size
+        self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.data = {}
         for name in self.names:
             arr = np.memmap(os.path.join(corpus_dir(name), f"{split}.bin"), dtype=np.uint16, mode="r")
             if len(arr) <= seq_len + 1:
                 raise ValueError(f"{split} split of {name!r} has {len(arr)} tokens, too few for seq_len {seq_len}")
             self.data[name] = arr
-        self.rng = np.random.default_rng([seed, rank, stream])
+        self.rng = np.random.default_rng([seed, stream])
 
     def next_batch(self):
         """Returns x, y and the index (into self.names) of the corpus each row came from."""
-        source = self.rng.choice(len(self.names), size=self.batch_size, p=self.weights)
-        rows = []
-        for s in source:
-            arr = self.data[self.names[s]]
-            i = int(self.rng.integers(0, len(arr) - self.seq_len - 1))
-            rows.append(np.asarray(arr[i:i + self.seq_len + 1], dtype=np.int64))
-        batch = torch.from_numpy(np.stack(rows))
-        return batch[:, :-1], batch[:, 1:], torch.from_numpy(source)
+        draws = []
+        for _ in range(self.batch_size * self.world_size):
+            source = int(self.rng.choice(len(self.names), p=self.weights))
+            draws.append((source, int(self.rng.integers(0, len(self.data[self.names[source]]) - self.seq_len - 1))))
+        mine = draws[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        batch = torch.from_numpy(np.stack([np.asarray(self.data[self.names[s]][i:i + self.seq_len + 1], dtype=np.int64)
+                                           for s, i in mine]))
+        return batch[:, :-1], batch[:, 1:], torch.tensor([s for s, _ in mine])
 
     def state_dict(self):
         return {"rng": self.rng.bit_generator.state}

@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+
+from attention import Attention, KVCache, apply_rope, causal_attention, rope_cache
+
+
+def reference(q, k, v, window):
+    """Naive attention in float64 with an explicit (T, S) mask: the queries are the last T of S positions."""
+    B, Hq, T, D = q.shape
+    S, g = k.shape[2], Hq // k.shape[1]
+    k, v = k.double().repeat_interleave(g, dim=1), v.double().repeat_interleave(g, dim=1)
+    i = torch.arange(T)[:, None] + (S - T)
+    j = torch.arange(S)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= j > i - window
+    scores = (q.double() @ k.transpose(-1, -2)) / math.sqrt(D)
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+CASES = [  # (T, S, Hq, Hkv, window)
+    (37, 37, 4, 4, 8),     # T not a multiple of the window
+    (20, 20, 4, 2, 64),    # window >= T
+    (16, 16, 2, 1, 1),     # window 1: each query sees only itself
+    (33, 33, 4, 2, 5),     # GQA 2
+    (33, 33, 8, 2, 6),     # GQA 4
+    (7, 40, 4, 2, 9),      # S > T: queries continue a cache
+    (1, 40, 4, 1, 9),      # one decoding query
+    (30, 30, 4, 2, None),  # global
+    (6, 25, 4, 4, None),   # global, continuing a cache
+]
+
+
+@pytest.mark.parametrize("T,S,Hq,Hkv,window", CASES)
+def test_matches_reference(T, S, Hq, Hkv, window):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, Hq, T, 16), torch.randn(2, Hkv, S, 16), torch.randn(2, Hkv, S, 16)
+    out = causal_attention(q, k, v, window)
+    assert out.shape == (2, Hq, T, 16)
+    torch.testing.assert_close(out.double(), reference(q, k, v, window), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,S,window", [(45, 45, 8), (10, 31, 7)])
+def test_local_gradients_match_reference(T, S, window):
+    torch.manual_seed(1)
+    q = torch.randn(1, 4, T, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, S, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, S, 8, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(1, 4, T, 8, dtype=torch.float64)
+    grads = torch.autograd.grad((causal_attention(q, k, v, window) * grad_out).sum(), (q, k, v))
+    expected = torch.autograd.grad((reference(q, k, v, window) * grad_out).sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
+def test_local_cost_is_linear_in_memory():
+    """The local kernel never builds a T x T score matrix: its mask holds O(T * window) entries."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4096, 8) for _ in range(3))
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q_, k_, v_, attn_mask=None, **kw):
+        seen.append(attn_mask.numel() if attn_mask is not None else 0)
+        return real_sdpa(q_, k_, v_, attn_mask=attn_mask, **kw)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        causal_attention(q, k, v, window=16)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real_sdpa
+    assert seen and max(seen) <= 4096 * 2 * 16 * 2
+
+
+@pytest.mark.parametrize("q_shape,k_shape,window,message", [
+    ((1, 4, 8, 16), (1, 2, 8, 16), 0, "window"),
+    ((1, 3, 8, 16), (1, 2, 8, 16), None, "multiple"),
+    ((1, 4, 8, 16), (1, 2, 8, 8), None, "head dim"),
+    ((1, 4, 8, 16), (1, 2, 5, 16), None, "S >= T"),
+])
+def test_bad_inputs(q_shape, k_shape, window, message):
+    with pytest.raises(ValueError, match=message):
+        causal_attention(torch.randn(q_shape), torch.randn(k_shape), torch.randn(k_shape), window)
+
+
+def test_rope_is_a_relative_rotation():
+    """Rotated q.k depends only on the distance between positions, and base changes the angles."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(i, j, base=10000.0):
+        cq, sq = rope_cache(torch.tensor([i]), 16, base)
+        ck, sk = rope_cache(torch.tensor([j]), 16, base)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(105, 102), abs=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 2, base=500000.0), abs=1e-4)
+    cos, sin = rope_cache(torch.tensor([0]), 16)
+    torch.testing.assert_close(apply_rope(q, cos, sin), q)  # position 0 is the identity
+
+
+def make_stack(window):
+    """local, global, sharing (reuses the global's K/V), local, global layers."""
+    kinds = [window, None, "shared", window, None]
+    layers = [Attention(32, 4, 2, window=k if k != "shared" and k is not None else None, share_kv=k == "shared")
+              for k in kinds]
+    return kinds, layers
+
+
+def run_stack(layers, x, start, cache=None):
+    cos, sin = rope_cache(torch.arange(start, start + x.shape[1]), 8)
+    kv = None
+    for i, layer in enumerate(layers):
+        y, layer_kv = layer(x, cos, sin, shared_kv=kv, cache=cache, layer=i)
+        if layer.window is None and not layer.share_kv:
+            kv = layer_kv
+        x = x + y
+    if cache is not None:
+        cache.pos += x.shape[1]
+    return x
+
+
+def test_sharing_layer_has_no_kv_weights():
+    _, layers = make_stack(4)
+    assert layers[2].kv_proj is None and layers[1].kv_proj is not None
+    assert sum(p.numel() for p in layers[2].parameters()) < sum(p.numel() for p in layers[1].parameters())
+
+
+@torch.no_grad()
+def test_decoding_through_the_cache_matches_a_full_forward():
+    torch.manual_seed(0)
+    window = 5
+    kinds, layers = make_stack(window)
+    x = torch.randn(2, 4 + 3 * window, 32)
+    full = run_stack(layers, x, 0)
+    cache = KVCache(kinds, 2, 2, 8, max_len=x.shape[1])
+    prefill = run_stack(layers, x[:, :4], 0, cache)  # a prompt, then one token at a time
+    steps = [run_stack(layers, x[:, t:t + 1], t, cache) for t in range(4, x.shape[1])]
+    torch.testing.assert_close(torch.cat([prefill] + steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    # Local layers never hold more than `window` positions; sharing layers hold nothing.
+    assert cache.k[0].shape[2] == window and cache.k[2] is None and cache.k[1].shape[2] == x.shape[1]
+
+
+@torch.no_grad()
+def test_chunked_decoding_matches_a_full_forward():
+    torch.manual_seed(0)
+    kinds, layers = make_stack(4)
+    x = torch.randn(1, 23, 32)
+    full = run_stack(layers, x, 0)
+    cache = KVCache(kinds, 1, 2, 8, max_len=23)
+    out = [run_stack(layers, x[:, a:b], a, cache) for a, b in ((0, 3), (3, 10), (10, 11), (11, 23))]
+    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_size_and_overflow():
+    window, L, B, H, D = 16, 256, 2, 2, 8
+    cache = KVCache([window, window, window, None, window, window, window, "shared"], B, H, D, L)
+    per_position = 2 * B * H * D * 4  # K and V, fp32
+    assert cache.nbytes() == per_position * (6 * window + 1 * L)
+    cache.pos = L - 1
+    cache.check_room(1)
+    with pytest.raises(ValueError, match="KV cache is full"):
+        cache.check_room(2)

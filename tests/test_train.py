@@ -1,0 +1,172 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(n_layer=4, n_head=2, n_kv_head=1, n_embd=32, block_size=64, window=8, attn_pattern="LG",
+            kv_share=True, n_experts=4, expert_hidden=16, mlp_hidden=64, compile=False, plots=False,
+            eval_iters=1, arith_problems=4, seed=7)
+STAGES = [
+    dict(name="one", mixture={"shakespeare_char": 1.0}, steps=8, seq_len=32, batch_size=4, warmup=2, lr_end=0.5),
+    dict(name="two", mixture={"shakespeare_char": 1.0}, steps=6, seq_len=48, batch_size=2, lr_end=0.1,
+         decay="cosine", router={"top_p": 0.7}, rope_base=50000.0),
+]
+
+
+def write_config(path, out_dir, stages=STAGES, **overrides):
+    settings = {**TINY, "out_dir": str(out_dir), "stages": stages, "log_interval": 1, "eval_interval": 1000,
+                "ckpt_interval": 3, **overrides}
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+    return str(path)
+
+
+def run(args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def train_records(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+def test_ddp_two_ranks_match_one_process_with_double_accumulation(corpora, tmp_path):
+    stages = [dict(name="s", mixture={"shakespeare_char": 1.0}, steps=6, seq_len=32, batch_size=2, grad_accum=a)
+              for a in (1, 2)]
+    ddp_cfg = write_config(tmp_path / "ddp.py", tmp_path / "ddp", stages=[stages[0]])
+    one_cfg = write_config(tmp_path / "one.py", tmp_path / "one", stages=[stages[1]])
+    ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               ddp_cfg])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = run([sys.executable, "train.py", one_cfg])
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = train_records(tmp_path / "ddp"), train_records(tmp_path / "one")
+    assert len(a) == len(b) == 6
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+        assert ra["tokens"] == rb["tokens"]
+
+
+def test_sigkill_and_resume_gives_the_same_final_loss(corpora, tmp_path):
+    straight = write_config(tmp_path / "a.py", tmp_path / "a")
+    assert run([sys.executable, "train.py", straight]).returncode == 0
+    expected = train_records(tmp_path / "a")
+
+    killed = write_config(tmp_path / "b.py", tmp_path / "b")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", killed], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill mid-stage, after the checkpoint at step 3 and before the next one
+        if metrics.exists() and any(json.loads(line)["step"] >= 4 for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["state"]
+    assert state["global_step"] < 14, "the run finished before it could be killed"
+    resumed = run([sys.executable, "train.py", killed])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    got = train_records(tmp_path / "b")
+    assert [r["step"] for r in got] == list(range(1, 15))
+    assert got[-1]["loss"] == expected[-1]["loss"]  # bitwise: same state, same batches, deterministic CPU ops
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]
+
+
+def test_stage_transitions_happen_at_the_configured_step(corpora, tmp_path):
+    config = write_config(tmp_path / "c.py", tmp_path / "c")
+    result = run([sys.executable, "train.py", config])
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = train_records(tmp_path / "c")
+    first, second = records[:8], records[8:]
+    assert [r["stage"] for r in first] == [0] * 8 and [r["stage"] for r in second] == [1] * 6
+    assert {r["seq_len"] for r in first} == {32} and {r["seq_len"] for r in second} == {48}
+    assert {r["batch_size"] for r in first} == {4} and {r["batch_size"] for r in second} == {2}
+    assert all(p == 0.4 for r in first for p in r["top_p"]) and all(p == 0.7 for r in second for p in r["top_p"])
+    assert {r["rope_base"] for r in first} == {10000.0} and {r["rope_base"] for r in second} == {50000.0}
+    peak = 1e-3
+    # stage 1: warmup over 2 steps to 1.0, then linear to 0.5; stage 2 continues at 0.5, cosine to 0.1
+    assert [r["lr"] / peak for r in first[:3]] == pytest.approx([0.5, 1.0, 1.0])
+    assert first[-1]["lr"] / peak == pytest.approx(0.5)
+    assert second[0]["lr"] / peak == pytest.approx(0.5) and second[-1]["lr"] / peak == pytest.approx(0.1)
+    assert records[7]["tokens"] == 8 * 4 * 32 and records[8]["tokens"] == 8 * 4 * 32 + 2 * 48
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n_layr=4"], "unknown setting 'n_layr'"),
+    (["--lr=fast"], "lr must be float"),
+    (["--lr=-1"], "lr must be > 0"),
+    (["--stages=[{'name': 'x', 'mixture': {}, 'steps': 3}]"], "mixture must name at least one corpus"),
+    (["--stages=[{'name': 'x', 'mixture': {'shakespeare_char': 1}, 'steps': 3, 'seq_len': 4096}]"],
+     "exceeds block_size"),
+    (["--stages=[{'name': 'x', 'mixture': {'nope': 1}, 'steps': 3}]"], "unknown corpus 'nope'"),
+    (["--n_embd=30"], "divisible by n_head"),
+])
+def test_bad_configs_exit_with_a_message_and_write_nothing(corpora, tmp_path, args, message):
+    out_dir = tmp_path / "never"
+    result = run([sys.executable, "train.py", f"--out_dir={out_dir}", "--compile=False"] + args)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not out_dir.exists()
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(corpora, tmp_path, monkeypatch):
+    import model
+    import train
+    real_forward = model.GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, cache=None):
+        logits, loss = real_forward(self, idx, targets, cache)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:  # the 5th training step
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(model.GPT, "forward", poisoned)
+    config = write_config(tmp_path / "n.py", tmp_path / "n")
+    with pytest.raises(SystemExit) as stop:
+        train.main([config])
+    assert "non-finite loss" in str(stop.value.code) and "global step 4" in str(stop.value.code)
+    ckpt = torch.load(tmp_path / "n" / "ckpt.pt", weights_only=False)
+    assert ckpt["state"]["global_step"] == 3
+    fresh = model.GPT(model.GPTConfig(**ckpt["model_config"]), verbose=False)
+    fresh.load_state_dict(ckpt["model"])
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_mismatched_and_corrupt_checkpoints_are_refused(corpora, tmp_path):
+    config = write_config(tmp_path / "m.py", tmp_path / "m", stages=[STAGES[0]])
+    assert run([sys.executable, "train.py", config]).returncode == 0
+    other = run([sys.executable, "train.py", config, "--n_embd=64"])
+    assert other.returncode != 0 and "does not match" in other.stderr and "n_embd" in other.stderr
+    (tmp_path / "m" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    corrupt = run([sys.executable, "train.py", config])
+    assert corrupt.returncode != 0 and "cannot read checkpoint" in corrupt.stderr
+
+
+def test_sigterm_saves_and_exits_cleanly(corpora, tmp_path):
+    long_stage = [dict(name="long", mixture={"shakespeare_char": 1.0}, steps=100000, seq_len=32, batch_size=4)]
+    config = write_config(tmp_path / "t.py", tmp_path / "t", stages=long_stage, ckpt_interval=100000)
+    proc = subprocess.Popen([sys.executable, "train.py", config], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "t" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by signal" in out
+    state = torch.load(tmp_path / "t" / "ckpt.pt", weights_only=False)["state"]
+    assert state["global_step"] >= 3
