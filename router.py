@@ -26,11 +26,15 @@ def _check_probs(probs):
         raise ValueError(f"probs must be (tokens, experts); got shape {tuple(probs.shape)}")
 
 
-def _keep_first(probs, n_keep):
-    """Select the n_keep[i] highest-probability experts of row i; ties go to the lower expert index."""
-    order = probs.sort(dim=-1, descending=True, stable=True).indices
-    ranks_kept = torch.arange(probs.shape[1], device=probs.device)[None, :] < n_keep[:, None]
+def _keep_first(order, n_keep):
+    """Bool mask selecting, per row, the experts at ranks 0 .. n_keep[i]-1 of `order` (sorted indices)."""
+    ranks_kept = torch.arange(order.shape[1], device=order.device)[None, :] < n_keep[:, None]
     return torch.zeros_like(ranks_kept).scatter(-1, order, ranks_kept)
+
+
+def _sorted(probs):
+    """Descending sort; stable, so ties go to the lower expert index."""
+    return probs.sort(dim=-1, descending=True, stable=True)
 
 
 def top_p_mask(probs, p, min_k=1, max_k=None):
@@ -45,14 +49,15 @@ def top_p_mask(probs, p, min_k=1, max_k=None):
         raise ValueError(f"min_k must be in [1, n_experts={E}]; got {min_k}")
     if not min_k <= max_k <= E:
         raise ValueError(f"max_k must be in [min_k={min_k}, n_experts={E}]; got {max_k}")
+    values, order = _sorted(probs)
     if p >= 1:
         n_keep = torch.full((probs.shape[0],), E, device=probs.device)
     else:
         # Sum in float64 so the threshold is not decided by float32 rounding of the running sum.
-        sorted_p = probs.double().sort(dim=-1, descending=True, stable=True).values
-        before = sorted_p.cumsum(-1) - sorted_p        # mass of the experts ranked above each one
+        values = values.double()
+        before = values.cumsum(-1) - values            # mass of the experts ranked above each one
         n_keep = (before < p).sum(-1)                  # keep an expert while the mass so far is short of p
-    return _keep_first(probs, n_keep.clamp(min_k, max_k))
+    return _keep_first(order, n_keep.clamp(min_k, max_k))
 
 
 def top_k_mask(probs, k):
@@ -60,7 +65,7 @@ def top_k_mask(probs, k):
     _check_probs(probs)
     if not 1 <= k <= probs.shape[1]:
         raise ValueError(f"top_k must be in [1, n_experts={probs.shape[1]}]; got {k}")
-    return _keep_first(probs, torch.full((probs.shape[0],), k, device=probs.device))
+    return _keep_first(_sorted(probs).indices, torch.full((probs.shape[0],), k, device=probs.device))
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -223,13 +228,7 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
 
-        aux = self.balance_loss * load_balance_loss(probs, mask)
-        if self.group_balance_loss and self.n_groups > 1:
-            aux = aux + self.group_balance_loss * load_balance_loss(probs, mask, self.n_groups)
-        if self.entropy_loss:
-            aux = aux + self.entropy_loss * router_entropy(probs)
-        if self.z_loss:
-            aux = aux + self.z_loss * router_z_loss(logits)
+        aux = self.aux_loss(logits, probs, mask) if self.training else y.new_zeros(())
 
         k = mask.sum(-1)
         self.stats = {  # detached tensors: reading them is the caller's choice (it syncs a GPU)
@@ -239,6 +238,17 @@ class MoE(nn.Module):
             "tokens_per_expert": counts.detach(),
         }
         return y.view(shape), aux
+
+    def aux_loss(self, logits, probs, mask):
+        """The weighted sum of the router's auxiliary losses (they only shape training, so eval skips them)."""
+        aux = self.balance_loss * load_balance_loss(probs, mask)
+        if self.group_balance_loss and self.n_groups > 1:
+            aux = aux + self.group_balance_loss * load_balance_loss(probs, mask, self.n_groups)
+        if self.entropy_loss:
+            aux = aux + self.entropy_loss * router_entropy(probs)
+        if self.z_loss:
+            aux = aux + self.z_loss * router_z_loss(logits)
+        return aux
 
     def adjust_p(self, experts_per_token):
         """Sparsity control (DTop-p style): nudge top_p toward the target average experts per token.

@@ -1,0 +1,213 @@
+"""
+Benchmarks: every figure is a ratio of two things measured side by side in the same run (these machines are
+noisy), printed as a table.
+
+    python bench.py                         # CPU, under 3 minutes
+    python bench.py --device=cuda --json=bench.json
+
+1. training tokens/s (and MFU on known GPUs) of a preset
+2. attention: one local layer vs one global layer, forward + backward, as T grows
+3. KV-cache bytes: the hybrid layout with KV sharing vs all-global, for the presets and context lengths
+4. MoE layer vs a dense MLP with the same active FLOPs, forward + backward
+5. decoding tokens/s with the KV cache vs recomputing the whole context at every token
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import cli
+from attention import KVCache, causal_attention
+from model import GPT, preset
+from router import MoE, SwiGLU
+
+
+@dataclass
+class BenchConfig:
+    device: str = "cpu"
+    preset: str = "tiny"                # model for sections 1 and 5
+    batch_size: int = 8
+    seq_len: int = 128
+    window: int = 256                   # section 2
+    max_T: Optional[int] = None         # section 2: longest T (default 8192 on CPU, 32768 on CUDA)
+    repeats: int = 5                    # timings are the median of this many runs
+    json: str = ""                      # also write the figures to this file
+
+
+def timed(fn, repeats, device):
+    """Median wall time of fn() over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_training(cfg, dtype):
+    config = preset(cfg.preset)
+    model = GPT(config, verbose=False).to(cfg.device)
+    opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), cfg.device.split(":")[0])
+    x = torch.randint(0, config.vocab_size, (cfg.batch_size, cfg.seq_len), device=cfg.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    def step():
+        with autocast:
+            _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dt = timed(step, cfg.repeats, cfg.device)
+    tok_s = cfg.batch_size * cfg.seq_len / dt
+    row = {"preset": cfg.preset, "ms_per_step": 1000 * dt, "tokens_per_s": tok_s,
+           "experts_per_token": sum(m.stats["experts_per_token"].item() for m in model.moe_layers())
+           / max(1, len(model.moe_layers()))}
+    if cfg.device.startswith("cuda"):
+        from train import PEAK_BF16_FLOPS, flops_per_token
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+        if peak:
+            row["mfu"] = flops_per_token(config, model, cfg.seq_len) * tok_s / peak
+    return row
+
+
+def bench_attention(cfg, dtype):
+    max_T = cfg.max_T or (32768 if cfg.device.startswith("cuda") else 8192)
+    rows, T = [], 1024
+    while T <= max_T:
+        q, k, v = (torch.randn(1, 4, T, 64, device=cfg.device, dtype=dtype, requires_grad=True) for _ in range(3))
+
+        def run(window):
+            causal_attention(q, k, v, window).sum().backward()
+
+        rows.append({"T": T, "local_ms": 1000 * timed(lambda: run(cfg.window), cfg.repeats, cfg.device),
+                     "global_ms": 1000 * timed(lambda: run(None), cfg.repeats, cfg.device)})
+        T *= 2
+    for r in rows:
+        r["local_growth"] = r["local_ms"] / rows[0]["local_ms"]
+        r["global_growth"] = r["global_ms"] / rows[0]["global_ms"]
+    return rows
+
+
+def kv_bytes(config, context):
+    """Bytes of a bf16 KV cache for one sequence, from the cache object itself (on the meta device)."""
+    return KVCache(config.cache_layers(), 1, config.n_kv_head, config.n_embd // config.n_head, context,
+                   device="meta", dtype=torch.bfloat16).nbytes()
+
+
+def bench_kv_cache():
+    rows = []
+    shapes = {name: preset(name) for name in ("tiny", "gpt2_124m", "yi_lightning_like")}
+    # The issue's reference shape: 12 layers, 3 local : 1 global, window 4096, sharing between global pairs.
+    shapes["12L_w4096"] = preset("gpt2_124m", window=4096, block_size=65536)
+    for name, config in shapes.items():
+        baseline = replace(config, attn_pattern="G", kv_share=False)
+        for context in (4096, 16384, 65536):
+            hybrid, full = kv_bytes(config, context), kv_bytes(baseline, context)
+            kinds = config.layout()
+            formula = (kinds.count("G") + kinds.count("L") * min(1, config.window / context)) / len(kinds)
+            layout = "".join(kinds) if len(kinds) <= 12 else "".join(kinds[:8]) + f"...({len(kinds)})"
+            rows.append({"model": name, "layout": layout, "context": context, "hybrid_MiB": hybrid / 2 ** 20,
+                         "all_global_MiB": full / 2 ** 20, "ratio": hybrid / full, "formula": formula})
+    return rows
+
+
+def bench_moe(cfg, dtype):
+    torch.manual_seed(0)
+    n_embd, n_experts, hidden, tokens = 256, 16, 256, 4096
+    x = torch.randn(tokens, n_embd, device=cfg.device, dtype=dtype, requires_grad=True)
+    moe = MoE(n_embd, n_experts, hidden, n_shared=0, routing="top_k", top_k=2).to(cfg.device)
+    dense = SwiGLU(n_embd, 2 * hidden).to(cfg.device)  # the same active FLOPs as two experts
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    def run(layer):
+        with autocast:
+            out = layer(x)
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+
+    t_moe = timed(lambda: run(moe), cfg.repeats, cfg.device)
+    moe.grouped_mm = False
+    t_loop = timed(lambda: run(moe), cfg.repeats, cfg.device)
+    t_dense = timed(lambda: run(dense), cfg.repeats, cfg.device)
+    top_p = MoE(n_embd, n_experts, hidden, n_shared=0, routing="top_p", top_p=0.4).to(cfg.device)
+    top_p(x.detach())
+    return {"tokens": tokens, "n_embd": n_embd, "experts": n_experts, "dense_ms": 1000 * t_dense,
+            "moe_grouped_ms": 1000 * t_moe, "moe_loop_ms": 1000 * t_loop, "grouped_vs_dense": t_moe / t_dense,
+            "loop_vs_dense": t_loop / t_dense,
+            "top_p_0.4_experts_per_token_at_init": top_p.stats["experts_per_token"].item()}
+
+
+@torch.no_grad()
+def bench_decode(cfg, name, vocab_size, context=1024, new_tokens=64):
+    torch.manual_seed(0)
+    config = preset(name, block_size=context + new_tokens, vocab_size=vocab_size)
+    model = GPT(config, verbose=False).to(cfg.device).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, context), device=cfg.device)
+    model(prompt)  # warm-up
+
+    def with_cache():
+        model.generate(prompt, new_tokens, temperature=0)
+
+    def recompute():  # what nanoGPT's generate does: the whole context again for every new token
+        idx = prompt
+        for _ in range(new_tokens):
+            logits, _ = model(idx[:, -config.block_size:])
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+
+    t_cache = timed(with_cache, 1, cfg.device)
+    t_full = timed(recompute, 1, cfg.device)
+    return {"preset": name, "vocab": vocab_size, "context": context, "new_tokens": new_tokens,
+            "cache_tokens_per_s": new_tokens / t_cache, "recompute_tokens_per_s": new_tokens / t_full,
+            "speedup": t_full / t_cache}
+
+
+def table(title, rows):
+    rows = rows if isinstance(rows, list) else [rows]
+    keys = list(rows[0])
+    cells = [[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print(f"\n## {title}")
+    print("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
+    for c in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+
+
+def main(argv):
+    try:
+        cfg = cli.build(BenchConfig, cli.parse(argv, BenchConfig, allow_file=False))
+    except cli.ConfigError as e:
+        raise SystemExit(f"argument error: {e}")
+    dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
+    name = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"lightning bench: {name}, torch {torch.__version__}, {dtype}")
+    results = {"device": name, "torch": torch.__version__}
+    sections = [("1. training step", "training", lambda: bench_training(cfg, dtype)),
+                (f"2. attention fwd+bwd, window {cfg.window}, 4 heads of 64", "attention",
+                 lambda: bench_attention(cfg, dtype)),
+                ("3. KV cache (bf16, one sequence): hybrid vs all-global", "kv_cache", bench_kv_cache),
+                ("4. MoE (16 experts, top-2) vs dense MLP of the same active FLOPs, fwd+bwd", "moe",
+                 lambda: bench_moe(cfg, dtype)),
+                ("5. decoding at a 1024-token context: KV cache vs recomputing", "decode",
+                 lambda: [bench_decode(cfg, cfg.preset, 50304), bench_decode(cfg, "nano_char", 65)])]
+    for title, key, fn in sections:
+        t0 = time.time()
+        results[key] = fn()
+        table(f"{title}  ({time.time() - t0:.0f}s)", results[key])
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote {cfg.json}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
