@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 import cli
 from attention import KVCache, causal_attention

@@ -10,7 +10,7 @@ GPTConfig; `layer_kinds` turns the config into the per-layer layout that the blo
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -319,6 +319,3 @@ def preset(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return GPTConfig(**{**PRESETS[name], **overrides})
-
-
-CONFIG_FIELDS = {f.name for f in fields(GPTConfig)}

@@ -138,6 +138,11 @@ def _expert_matmul(x, w, counts, grouped):
     return torch.cat([xe @ we for xe, we in zip(x.split(counts.tolist()), w)])
 
 
+# What a training stage may change on a live MoE layer (MoE.configure).
+ROUTER_SETTINGS = {"routing", "top_p", "top_k", "balance_loss", "group_balance_loss", "entropy_loss", "z_loss",
+                   "target_experts", "controller_gain"}
+
+
 class MoE(nn.Module):
     """n_experts fine-grained routed SwiGLU experts (hidden size `expert_hidden` each) plus n_shared
     always-on experts. forward(x) -> (y, aux_loss); statistics of the last forward in `self.stats`.
@@ -172,8 +177,8 @@ class MoE(nn.Module):
     def configure(self, **settings):
         """Change router settings (a training stage may); validated here so a bad stage fails at once."""
         for key, value in settings.items():
-            if key not in self._SETTINGS:
-                raise ValueError(f"unknown router setting {key!r}; known: {sorted(self._SETTINGS)}")
+            if key not in ROUTER_SETTINGS:
+                raise ValueError(f"unknown router setting {key!r}; known: {sorted(ROUTER_SETTINGS)}")
             setattr(self, key, value)
         if self.routing not in ("top_p", "top_k"):
             raise ValueError(f"routing must be 'top_p' or 'top_k'; got {self.routing!r}")
@@ -188,9 +193,6 @@ class MoE(nn.Module):
         if not 1 <= self.min_k <= (self.max_k or self.n_experts) <= self.n_experts:
             raise ValueError(f"need 1 <= min_k <= max_k <= n_experts; got min_k={self.min_k}, "
                              f"max_k={self.max_k}, n_experts={self.n_experts}")
-
-    _SETTINGS = {"routing", "top_p", "top_k", "balance_loss", "group_balance_loss", "entropy_loss", "z_loss",
-                 "target_experts", "controller_gain"}
 
     # top_p can move during training (the sparsity controller), so it travels with the state dict.
     def get_extra_state(self):

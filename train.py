@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 import cli
 from data.corpus import MixtureLoader, Tokenizer, corpus_dir, mixture_tokenizer
-from model import CONFIG_FIELDS, GPT, GPTConfig, PRESETS
+from model import GPT, GPTConfig, PRESETS
+from router import ROUTER_SETTINGS
 
 
 @dataclass
@@ -135,14 +136,10 @@ def load_config(argv):
             raise cli.ConfigError(f"stage {stage.name!r}: seq_len {stage.seq_len} exceeds block_size "
                                   f"{model_cfg.block_size}")
         for key in stage.router:
-            if key not in MoE_SETTINGS:
+            if key not in ROUTER_SETTINGS:
                 raise cli.ConfigError(f"stage {stage.name!r}: unknown router setting {key!r}; known: "
-                                      f"{', '.join(sorted(MoE_SETTINGS))}")
+                                      f"{', '.join(sorted(ROUTER_SETTINGS))}")
     return train_cfg, model_cfg, meta
-
-
-MoE_SETTINGS = {"routing", "top_p", "top_k", "balance_loss", "group_balance_loss", "entropy_loss", "z_loss",
-                "target_experts", "controller_gain"}
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -193,7 +190,7 @@ def load_checkpoint(path, model_cfg, train_cfg, world_size):
         mismatched.append(f"world size: checkpoint {ckpt['world_size']}, now {world_size}")
     if mismatched:
         raise SystemExit(f"checkpoint {path} does not match this config:\n  " + "\n  ".join(mismatched) +
-                         f"\nResume with the config it was written with, or use another --out_dir.")
+                         "\nResume with the config it was written with, or use another --out_dir.")
     return ckpt
 
 
