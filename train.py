@@ -320,17 +320,19 @@ def main(argv):
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint(loader):
-        loaders = [None] * world_size  # every rank's loader and RNG state, so every rank resumes exactly
+        # The loader's stream is the same on every rank; the torch RNG is not, so gather it from each rank.
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+        rngs = [None] * world_size
         if ddp:
-            dist.all_gather_object(loaders, {"loader": loader.state_dict(), "rng": rng})
+            dist.all_gather_object(rngs, rng)
         else:
-            loaders[0] = {"loader": loader.state_dict(), "rng": rng}
+            rngs[0] = rng
         if master:
             save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
                          "stages": [dataclasses.asdict(s) for s in stages], "meta": meta,
-                         "state": dict(state), "ranks": loaders, "world_size": world_size}, ckpt_path)
+                         "state": dict(state), "loader": loader.state_dict(), "rng": rngs,
+                         "world_size": world_size}, ckpt_path)
 
     def run_eval(stage):
         val = evaluate(raw_model, corpora, stage.seq_len, stage.batch_size, cfg.eval_iters, autocast)
@@ -341,7 +343,8 @@ def main(argv):
         log(record)
         return record
 
-    n_moe = len(raw_model.moe_layers())
+    moes = raw_model.moe_layers()
+    n_moe = len(moes)
     total_steps = sum(stage_steps)
     bar = tqdm(total=total_steps, initial=sum(stage_steps[:state["stage"]]) + state["step"], disable=not master,
                dynamic_ncols=True)
@@ -353,11 +356,11 @@ def main(argv):
         if s == resume_stage:  # resuming inside this stage
             raw_model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            torch.set_rng_state(ckpt["ranks"][rank]["rng"]["cpu"])
-            if device_type == "cuda" and ckpt["ranks"][rank]["rng"]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["ranks"][rank]["rng"]["cuda"])
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if device_type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
             if state["step"] > 0:  # (a checkpoint at a stage boundary holds the previous stage's stream)
-                loader.load_state_dict(ckpt["ranks"][rank]["loader"])
+                loader.load_state_dict(ckpt["loader"])
         # The stage's router settings and RoPE base. Mid-stage (a resume) the checkpoint's top_p and RoPE
         # base stand: the sparsity controller may have moved p since the stage began.
         router = dict(stage.router)
@@ -365,7 +368,7 @@ def main(argv):
             router.pop("top_p", None)
         elif stage.rope_base is not None:
             raw_model.rope_base = stage.rope_base
-        for moe in raw_model.moe_layers():
+        for moe in moes:
             moe.configure(**router)
         tokens_per_step = stage.batch_size * stage.seq_len * stage.grad_accum * world_size
         flops = flops_per_token(model_cfg, raw_model, stage.seq_len)
@@ -388,7 +391,6 @@ def main(argv):
                 with autocast:
                     _, loss = model(x, y)
                 (loss / stage.grad_accum).backward()
-                moes = raw_model.moe_layers()
                 sums += torch.cat([torch.stack([loss.detach(), raw_model.last["ce"], raw_model.last["aux"]])] +
                                   [m.stats["experts_per_token"].view(1) for m in moes] +
                                   [m.stats["tokens_per_expert"].float() for m in moes]).float()
@@ -404,7 +406,7 @@ def main(argv):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             experts = sums[3:3 + n_moe].tolist()
-            for moe, k in zip(raw_model.moe_layers(), experts):
+            for moe, k in zip(moes, experts):
                 moe.adjust_p(k)
             state["step"] += 1
             state["global_step"] += 1
@@ -420,8 +422,8 @@ def main(argv):
                      "stage_step": step, "lr": lr, "loss": loss_v, "ce": ce_v, "aux": aux_v, "tok_s": tok_s,
                      "mfu": mfu, "seq_len": stage.seq_len, "batch_size": stage.batch_size,
                      "mixture": stage.mixture, "rope_base": raw_model.rope_base,
-                     "top_p": [m.top_p for m in raw_model.moe_layers()],
-                     "routing": [m.routing for m in raw_model.moe_layers()], "experts_per_token": experts,
+                     "top_p": [m.top_p for m in moes],
+                     "routing": [m.routing for m in moes], "experts_per_token": experts,
                      "tokens_per_expert": sums[3 + n_moe:].view(n_moe, -1).tolist()})
                 postfix = {"stage": s, "loss": f"{ce_v:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
                 if experts:
