@@ -55,37 +55,47 @@ def causal_attention(q, k, v, window=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hkv)
 
 
+SCORES_PER_CALL = 2 ** 21  # attention scores per SDPA call in the local kernel (8 MB in fp32)
+
+
 def _local_attention(q, k, v, window):
     """Sliding-window attention in time and memory linear in T: cut the queries into blocks of `window`;
     each block needs only the keys from `window - 1` positions before its first query to its last query,
-    a span of 2*window - 1 keys. All blocks go through one batched SDPA call with a small banded mask.
+    a span of 2*window - 1 keys. The blocks go through batched SDPA calls with a small banded mask, a few
+    blocks per call: one call over all blocks would build a score tensor that outgrows the CPU caches, and
+    its time would then grow faster than T.
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     g, w = Hq // Hkv, window
+    c = min(w, T)                                            # queries per block
     # Keys older than the first query's window are never seen: drop them. Then pad the front so that
-    # block b's key span starts exactly at index b*w, and pad the end so every span is complete.
+    # block b's key span starts exactly at index b*c, and pad the end so every span is complete.
     first = max(0, S - T - (w - 1))
     k, v = k[:, :, first:], v[:, :, first:]
     front = (w - 1) - (S - first - T)                        # zero keys before the first real key
-    nb = math.ceil(T / w)                                    # number of query blocks
-    span = 2 * w - 1
-    back = nb * w + w - 1 - (front + k.shape[2])
+    nb = math.ceil(T / c)                                    # number of query blocks
+    span = c + w - 1
+    back = nb * c + w - 1 - (front + k.shape[2])
     k = F.pad(k, (0, 0, front, back))
     v = F.pad(v, (0, 0, front, back))
-    kb = k.unfold(2, span, w).transpose(-1, -2)              # (B, Hkv, nb, span, D)
-    vb = v.unfold(2, span, w).transpose(-1, -2)
-    # Queries: (B, Hq, T, D) -> (B, Hkv, nb, g*w, D), so the g query heads of a group share their K/V block.
-    qb = F.pad(q, (0, 0, 0, nb * w - T)).view(B, Hkv, g, nb, w, D).transpose(2, 3).reshape(B, Hkv, nb, g * w, D)
+    kb = k.unfold(2, span, c).transpose(-1, -2)              # (B, Hkv, nb, span, D)
+    vb = v.unfold(2, span, c).transpose(-1, -2)
+    # Queries: (B, Hq, T, D) -> (B, Hkv, nb, g*c, D), so the g query heads of a group share their K/V block.
+    qb = F.pad(q, (0, 0, 0, nb * c - T)).view(B, Hkv, g, nb, c, D).transpose(2, 3).reshape(B, Hkv, nb, g * c, D)
     # Query r of a block sits at span index r + w - 1 and sees span indices r .. r + w - 1. Padding keys at
     # the end lie after every real query, so the band already hides them; the front padding needs masking.
-    r = torch.arange(w, device=q.device)[:, None]
-    c = torch.arange(span, device=q.device)[None, :]
-    band = (c >= r) & (c <= r + w - 1)                       # (w, span)
-    real = torch.arange(nb * w + w - 1, device=q.device).unfold(0, span, w) >= front  # (nb, span)
-    mask = (band[None] & real[:, None, :]).repeat(1, g, 1)   # (nb, g*w, span)
-    out = F.scaled_dot_product_attention(qb.flatten(0, 1), kb.flatten(0, 1), vb.flatten(0, 1), attn_mask=mask)
-    out = out.view(B, Hkv, nb, g, w, D).transpose(2, 3).reshape(B, Hq, nb * w, D)
+    r = torch.arange(c, device=q.device)[:, None]
+    j = torch.arange(span, device=q.device)[None, :]
+    band = (j >= r) & (j <= r + w - 1)                       # (c, span)
+    real = torch.arange(nb * c + w - 1, device=q.device).unfold(0, span, c) >= front  # (nb, span)
+    mask = (band[None] & real[:, None, :]).repeat(1, g, 1)   # (nb, g*c, span)
+    # Blocks per SDPA call. CUDA's masked SDPA kernels never hold all scores at once: one call there.
+    per_call = nb if q.is_cuda else max(1, SCORES_PER_CALL // (B * Hkv * g * c * span))
+    out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, attn_mask=ms) for qs, ks, vs, ms in zip(
+        qb.flatten(0, 1).split(per_call, 1), kb.flatten(0, 1).split(per_call, 1),
+        vb.flatten(0, 1).split(per_call, 1), mask.split(per_call, 0))], dim=1)
+    out = out.view(B, Hkv, nb, g, c, D).transpose(2, 3).reshape(B, Hq, nb * c, D)
     return out[:, :, :T]
 
 

@@ -55,6 +55,23 @@ def test_local_gradients_match_reference(T, S, window):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("T,S,window", [(45, 45, 4), (13, 40, 3)])
+def test_local_kernel_split_into_many_calls(monkeypatch, T, S, window):
+    """The local kernel sends a few blocks per SDPA call; force one block per call and compare."""
+    import attention
+    monkeypatch.setattr(attention, "SCORES_PER_CALL", 1)
+    torch.manual_seed(2)
+    q = torch.randn(2, 4, T, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, S, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, S, 8, dtype=torch.float64, requires_grad=True)
+    out = causal_attention(q, k, v, window)
+    torch.testing.assert_close(out, reference(q, k, v, window), atol=1e-10, rtol=1e-8)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected = torch.autograd.grad(reference(q, k, v, window).sum(), (q, k, v))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
 def test_local_cost_is_linear_in_memory():
     """The local kernel never builds a T x T score matrix: its mask holds O(T * window) entries."""
     torch.manual_seed(0)
