@@ -146,7 +146,7 @@ def bench_moe(cfg, dtype):
             "top_p_0.4_experts_per_token_at_init": top_p.stats["experts_per_token"].item()}
 
 
-@torch.no_grad()
+@torch.inference_mode()  # the mode generate() runs in, for both sides of the comparison
 def bench_decode(cfg, name, vocab_size, context=1024, new_tokens=64):
     torch.manual_seed(0)
     config = preset(name, block_size=context + new_tokens, vocab_size=vocab_size)
