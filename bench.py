@@ -38,19 +38,21 @@ class BenchConfig:
     json: str = ""                      # also write the figures to this file
 
 
-def timed(fn, repeats, device):
-    """Median wall time of fn() over `repeats` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def timed(fns, repeats, device):
+    """Median wall time of each function in the dict fns. They take turns, `repeats` rounds after a warm-up
+    round, so a slow spell of a noisy machine hits them all alike."""
+    times = {name: [] for name in fns}
+    for round in range(repeats + 1):
+        for name, fn in fns.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if round > 0:
+                times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def bench_training(cfg, dtype):
@@ -67,7 +69,7 @@ def bench_training(cfg, dtype):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    dt = timed(step, cfg.repeats, cfg.device)
+    dt = timed({"step": step}, cfg.repeats, cfg.device)["step"]
     tok_s = cfg.batch_size * cfg.seq_len / dt
     row = {"preset": cfg.preset, "ms_per_step": 1000 * dt, "tokens_per_s": tok_s,
            "experts_per_token": sum(m.stats["experts_per_token"].item() for m in model.moe_layers())
@@ -89,8 +91,8 @@ def bench_attention(cfg, dtype):
         def run(window):
             causal_attention(q, k, v, window).sum().backward()
 
-        rows.append({"T": T, "local_ms": 1000 * timed(lambda: run(cfg.window), cfg.repeats, cfg.device),
-                     "global_ms": 1000 * timed(lambda: run(None), cfg.repeats, cfg.device)})
+        t = timed({"local": lambda: run(cfg.window), "global": lambda: run(None)}, cfg.repeats, cfg.device)
+        rows.append({"T": T, "local_ms": 1000 * t["local"], "global_ms": 1000 * t["global"]})
         T *= 2
     for r in rows:
         r["local_growth"] = r["local_ms"] / rows[0]["local_ms"]
@@ -129,45 +131,48 @@ def bench_moe(cfg, dtype):
     dense = SwiGLU(n_embd, 2 * hidden).to(cfg.device)  # the same active FLOPs as two experts
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
-    def run(layer):
+    def run(layer, expert_gemm=None):
+        if expert_gemm:
+            layer.expert_gemm = expert_gemm
         with autocast:
             out = layer(x)
         (out[0] if isinstance(out, tuple) else out).float().sum().backward()
 
-    t_moe = timed(lambda: run(moe), cfg.repeats, cfg.device)
-    moe.grouped_mm = False
-    t_loop = timed(lambda: run(moe), cfg.repeats, cfg.device)
-    t_dense = timed(lambda: run(dense), cfg.repeats, cfg.device)
+    t = timed({"grouped": lambda: run(moe, "grouped"), "loop": lambda: run(moe, "loop"), "dense": lambda: run(dense)},
+              cfg.repeats, cfg.device)
     top_p = MoE(n_embd, n_experts, hidden, n_shared=0, routing="top_p", top_p=0.4).to(cfg.device)
     top_p(x.detach())
-    return {"tokens": tokens, "n_embd": n_embd, "experts": n_experts, "dense_ms": 1000 * t_dense,
-            "moe_grouped_ms": 1000 * t_moe, "moe_loop_ms": 1000 * t_loop, "grouped_vs_dense": t_moe / t_dense,
-            "loop_vs_dense": t_loop / t_dense,
+    return {"tokens": tokens, "n_embd": n_embd, "experts": n_experts, "dense_ms": 1000 * t["dense"],
+            "grouped_ms": 1000 * t["grouped"], "loop_ms": 1000 * t["loop"],
+            "grouped_vs_dense": t["grouped"] / t["dense"], "loop_vs_dense": t["loop"] / t["dense"],
+            "auto_uses": "grouped" if cfg.device.startswith("cuda") else "loop",
             "top_p_0.4_experts_per_token_at_init": top_p.stats["experts_per_token"].item()}
 
 
 @torch.inference_mode()  # the mode generate() runs in, for both sides of the comparison
 def bench_decode(cfg, name, vocab_size, context=1024, new_tokens=64):
+    """Greedy decoding after a `context`-token prompt. The cache side is timed as generate() for 1 token
+    (the prefill: one forward over the prompt) and for new_tokens + 1; the difference is the decode phase.
+    The recompute side runs the whole context through the model for every new token, as nanoGPT does."""
     torch.manual_seed(0)
     config = preset(name, block_size=context + new_tokens, vocab_size=vocab_size)
     model = GPT(config, verbose=False).to(cfg.device).eval()
     prompt = torch.randint(0, config.vocab_size, (1, context), device=cfg.device)
-    model(prompt)  # warm-up
 
-    def with_cache():
-        model.generate(prompt, new_tokens, temperature=0)
-
-    def recompute():  # what nanoGPT's generate does: the whole context again for every new token
+    def recompute():
         idx = prompt
         for _ in range(new_tokens):
             logits, _ = model(idx[:, -config.block_size:])
             idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
 
-    t_cache = timed(with_cache, 1, cfg.device)
-    t_full = timed(recompute, 1, cfg.device)
+    t = timed({"prefill": lambda: model.generate(prompt, 1, temperature=0),
+               "cache": lambda: model.generate(prompt, new_tokens + 1, temperature=0),
+               "recompute": recompute}, min(cfg.repeats, 3), cfg.device)
+    decode = t["cache"] - t["prefill"]
     return {"preset": name, "vocab": vocab_size, "context": context, "new_tokens": new_tokens,
-            "cache_tokens_per_s": new_tokens / t_cache, "recompute_tokens_per_s": new_tokens / t_full,
-            "speedup": t_full / t_cache}
+            "prefill_ms": 1000 * t["prefill"], "cache_tokens_per_s": new_tokens / decode,
+            "recompute_tokens_per_s": new_tokens / t["recompute"], "decode_speedup": t["recompute"] / decode,
+            "with_prefill_speedup": t["recompute"] / (t["prefill"] + decode)}
 
 
 def table(title, rows):

@@ -276,7 +276,7 @@ class GPT(nn.Module):
         if cache is None:
             cache = self.make_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
         logits, _ = self(idx, cache=cache)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             logits = logits[:, -1, :].float()
             if temperature == 0 or top_k == 1:
                 next_token = logits.argmax(-1, keepdim=True)
@@ -290,7 +290,8 @@ class GPT(nn.Module):
             idx = torch.cat([idx, next_token], dim=1)
             if on_token is not None:
                 on_token(next_token)
-            logits, _ = self(next_token, cache=cache)
+            if i < max_new_tokens - 1:  # the last token needs no logits after it
+                logits, _ = self(next_token, cache=cache)
         return idx
 
 

@@ -26,10 +26,9 @@ def _check_probs(probs):
         raise ValueError(f"probs must be (tokens, experts); got shape {tuple(probs.shape)}")
 
 
-def _keep_first(order, n_keep):
-    """Bool mask selecting, per row, the experts at ranks 0 .. n_keep[i]-1 of `order` (sorted indices)."""
-    ranks_kept = torch.arange(order.shape[1], device=order.device)[None, :] < n_keep[:, None]
-    return torch.zeros_like(ranks_kept).scatter(-1, order, ranks_kept)
+def _unsort(order, kept):
+    """kept (N, E) bool in rank order (column r: the expert at rank r of `order`) -> mask by expert index."""
+    return torch.empty_like(kept).scatter_(-1, order, kept)
 
 
 def _sorted(probs):
@@ -51,13 +50,17 @@ def top_p_mask(probs, p, min_k=1, max_k=None):
         raise ValueError(f"max_k must be in [min_k={min_k}, n_experts={E}]; got {max_k}")
     values, order = _sorted(probs)
     if p >= 1:
-        n_keep = torch.full((probs.shape[0],), E, device=probs.device)
+        kept = torch.ones_like(values, dtype=torch.bool)
     else:
-        # Sum in float64 so the threshold is not decided by float32 rounding of the running sum.
+        # Keep an expert while the mass ranked above it is short of p: a prefix of the ranks. Summed in
+        # float64 so that the threshold is not decided by float32 rounding of the running sum.
         values = values.double()
-        before = values.cumsum(-1) - values            # mass of the experts ranked above each one
-        n_keep = (before < p).sum(-1)                  # keep an expert while the mass so far is short of p
-    return _keep_first(order, n_keep.clamp(min_k, max_k))
+        kept = values.cumsum(-1) - values < p
+    if min_k > 1:
+        kept[:, :min_k] = True
+    if max_k < E:
+        kept[:, max_k:] = False
+    return _unsort(order, kept)
 
 
 def top_k_mask(probs, k):
@@ -65,7 +68,10 @@ def top_k_mask(probs, k):
     _check_probs(probs)
     if not 1 <= k <= probs.shape[1]:
         raise ValueError(f"top_k must be in [1, n_experts={probs.shape[1]}]; got {k}")
-    return _keep_first(_sorted(probs).indices, torch.full((probs.shape[0],), k, device=probs.device))
+    order = _sorted(probs).indices
+    kept = torch.zeros_like(order, dtype=torch.bool)
+    kept[:, :k] = True
+    return _unsort(order, kept)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -127,15 +133,10 @@ def grouped_mm_available(x, w):
     return aligned and device_ok
 
 
-def _expert_matmul(x, w, counts, grouped):
-    """x (M, a) sorted by expert, w (E, a, b), counts (E,) rows per expert -> (M, b): each expert's
-    contiguous slice times its own weight. One grouped GEMM where the installed torch can do it."""
-    w = w.to(x.dtype)
-    if grouped and grouped_mm_available(x, w):
-        return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    # The loop still multiplies an empty slice for an expert with no tokens, so its weights stay in the
-    # autograd graph (zero gradient) and DDP needs no find_unused_parameters.
-    return torch.cat([xe @ we for xe, we in zip(x.split(counts.tolist()), w)])
+def compute_dtype(x):
+    """The dtype matmuls of x run in: autocast's where it is on (the residual stream stays fp32)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 # What a training stage may change on a live MoE layer (MoE.configure).
@@ -155,13 +156,15 @@ class MoE(nn.Module):
 
     def __init__(self, n_embd, n_experts, expert_hidden, n_shared=1, routing="top_p", top_p=0.4, top_k=2,
                  min_k=1, max_k=None, n_groups=1, balance_loss=1e-2, group_balance_loss=0.0,
-                 entropy_loss=1e-4, z_loss=1e-3, target_experts=None, controller_gain=0.01, grouped_mm=True):
+                 entropy_loss=1e-4, z_loss=1e-3, target_experts=None, controller_gain=0.01, expert_gemm="auto"):
         super().__init__()
         if n_experts < 1:
             raise ValueError(f"n_experts must be >= 1; got {n_experts}")
         if n_shared < 0:
             raise ValueError(f"n_shared must be >= 0; got {n_shared}")
-        self.n_experts, self.n_groups, self.grouped_mm = n_experts, n_groups, grouped_mm
+        if expert_gemm not in ("auto", "grouped", "loop"):
+            raise ValueError(f"expert_gemm must be 'auto', 'grouped' or 'loop'; got {expert_gemm!r}")
+        self.n_experts, self.n_groups, self.expert_gemm = n_experts, n_groups, expert_gemm
         self.min_k, self.max_k = min_k, max_k
         self.configure(routing=routing, top_p=top_p, top_k=top_k, balance_loss=balance_loss,
                        group_balance_loss=group_balance_loss, entropy_loss=entropy_loss, z_loss=z_loss,
@@ -172,7 +175,7 @@ class MoE(nn.Module):
         self.w3 = nn.Parameter(torch.randn(n_experts, n_embd, expert_hidden) * scale)
         self.w2 = nn.Parameter(torch.randn(n_experts, expert_hidden, n_embd) * expert_hidden ** -0.5)
         self.shared = SwiGLU(n_embd, n_shared * expert_hidden) if n_shared > 0 else None
-        self.stats = {}
+        self.last_routing = None
 
     def configure(self, **settings):
         """Change router settings (a training stage may); validated here so a bad stage fails at once."""
@@ -222,24 +225,53 @@ class MoE(nn.Module):
         expert, token = mask.t().nonzero(as_tuple=True)
         counts = mask.sum(0)
         xs = x.index_select(0, token)  # (its backward is index_add, cheaper than x[token]'s index_put)
-        g = self.grouped_mm
-        h = F.silu(_expert_matmul(xs, self.w1, counts, g)) * _expert_matmul(xs, self.w3, counts, g)
-        ys = _expert_matmul(h, self.w2, counts, g)
-        ys = ys * probs[token, expert].unsqueeze(1).to(ys.dtype)
+        ys = self.experts(xs, counts, probs[token, expert].unsqueeze(1))
         y = torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(x)
 
         aux = self.aux_loss(logits, probs, mask) if self.training else y.new_zeros(())
 
-        k = mask.sum(-1)
-        self.stats = {  # detached tensors: reading them is the caller's choice (it syncs a GPU)
-            "experts_per_token": k.float().mean().detach(),
-            "k_per_token": k.view(shape[:-1]).detach(),
-            "k_histogram": torch.bincount(k, minlength=self.n_experts + 1)[1:].detach(),
-            "tokens_per_expert": counts.detach(),
-        }
+        self.last_routing = (mask, counts, shape[:-1])  # what `stats` is computed from, when asked
         return y.view(shape), aux
+
+    @property
+    def stats(self):
+        """Routing statistics of the last forward, as tensors: computed only when asked (decoding never
+        asks), and reading their values is the caller's choice (it syncs a GPU)."""
+        if self.last_routing is None:
+            return {}
+        mask, counts, token_shape = self.last_routing
+        k = mask.sum(-1)
+        return {"experts_per_token": k.float().mean(),                                # mean routed experts
+                "k_per_token": k.view(token_shape),                                     # each token's count
+                "k_histogram": torch.bincount(k, minlength=self.n_experts + 1)[1:],     # tokens with 1..E
+                "tokens_per_expert": counts}
+
+    def experts(self, xs, counts, gate):
+        """xs (M, n_embd) with rows sorted by expert, counts (E,) rows per expert, gate (M, 1) router
+        probabilities -> (M, n_embd): each row through its expert's SwiGLU, times its gate."""
+        dtype = compute_dtype(xs)
+        xs, gate = xs.to(dtype), gate.to(dtype)
+        w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
+        grouped = self.expert_gemm == "grouped" or (self.expert_gemm == "auto" and xs.device.type == "cuda")
+        if grouped and grouped_mm_available(xs, w1):
+            # One grouped GEMM per weight: each expert's slice times its own matrix, in one kernel.
+            offs = counts.cumsum(0).to(torch.int32)
+            h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
+            return torch._grouped_mm(h * gate, w2, offs=offs)
+        # One expert at a time, its whole MLP on its slice. On CPU this beats the grouped GEMM ("auto"
+        # picks it there): a slice's intermediates stay in cache instead of making three passes over the
+        # whole buffer. An expert with no tokens still multiplies an empty slice, so its weights stay in
+        # the autograd graph (zero gradient) and DDP needs no find_unused_parameters. Without autograd
+        # (decoding) there is no graph to keep, and skipping empty experts saves most of the small ops.
+        ys, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n or torch.is_grad_enabled():
+                xe, ge = xs[start:start + n], gate[start:start + n]
+                ys.append((F.silu(xe @ w1[e]) * (xe @ w3[e]) * ge) @ w2[e])
+            start += n
+        return torch.cat(ys)
 
     def aux_loss(self, logits, probs, mask):
         """The weighted sum of the router's auxiliary losses (they only shape training, so eval skips them)."""
