@@ -152,6 +152,9 @@ class MoE(nn.Module):
     average, `stats["experts_per_token"]` routed ones. The n_shared shared experts are one SwiGLU of hidden
     n_shared * expert_hidden: the sum of independent MLPs is exactly an MLP with their hidden units side
     by side.
+
+    expert_gemm: "grouped" (one torch._grouped_mm per weight, over every expert's slice at once), "loop"
+    (one expert at a time), or "auto": grouped on CUDA and the loop on CPU, the faster of the two on each.
     """
 
     def __init__(self, n_embd, n_experts, expert_hidden, n_shared=1, routing="top_p", top_p=0.4, top_k=2,
@@ -265,13 +268,12 @@ class MoE(nn.Module):
         # whole buffer. An expert with no tokens still multiplies an empty slice, so its weights stay in
         # the autograd graph (zero gradient) and DDP needs no find_unused_parameters. Without autograd
         # (decoding) there is no graph to keep, and skipping empty experts saves most of the small ops.
-        ys, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n or torch.is_grad_enabled():
-                xe, ge = xs[start:start + n], gate[start:start + n]
-                ys.append((F.silu(xe @ w1[e]) * (xe @ w3[e]) * ge) @ w2[e])
-            start += n
-        return torch.cat(ys)
+        # (Iterating over the stacked weights unbinds them: one backward op stacks every expert's gradient.
+        # Indexing w1[e] instead would give each expert a backward that writes a full-size zero gradient.)
+        sizes, keep_empty = counts.tolist(), torch.is_grad_enabled()
+        return torch.cat([(F.silu(xe @ a) * (xe @ b) * ge) @ c
+                          for xe, ge, a, b, c in zip(xs.split(sizes), gate.split(sizes), w1, w3, w2)
+                          if keep_empty or len(xe)])
 
     def aux_loss(self, logits, probs, mask):
         """The weighted sum of the router's auxiliary losses (they only shape training, so eval skips them)."""

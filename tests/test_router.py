@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from router import MoE, load_balance_loss, router_entropy, router_z_loss, top_k_mask, top_p_mask
+from router import MoE, compute_dtype, load_balance_loss, router_entropy, router_z_loss, top_k_mask, top_p_mask
 
 
 def brute_force_top_p(row, p, min_k=1, max_k=None):
@@ -61,6 +61,7 @@ def test_top_k_matches_brute_force():
     (lambda: top_k_mask(torch.rand(4, 8).softmax(-1), 9), "top_k"),
     (lambda: MoE(16, 0, 8), "n_experts"),
     (lambda: MoE(16, 4, 8, routing="top_k", top_k=5), "top_k"),
+    (lambda: MoE(16, 4, 8, expert_gemm="bmm"), "expert_gemm"),
 ])
 def test_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
@@ -100,6 +101,8 @@ def test_moe_matches_slow_reference(routing, n_shared, grouped):
     expected, mask = slow_moe(moe, x)
     assert mask[:, 5].sum() == 0, "the test needs an expert that receives no tokens"
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # without autograd the loop skips experts that got no tokens
+        torch.testing.assert_close(moe(x)[0], expected, atol=1e-5, rtol=1e-5)
     assert aux.ndim == 0 and torch.isfinite(aux)
     assert moe.stats["tokens_per_expert"].tolist() == mask.sum(0).tolist()
     assert moe.stats["experts_per_token"].item() == pytest.approx(mask.sum(1).float().mean().item())
@@ -121,6 +124,24 @@ def test_gradients_reach_router_and_experts(grouped):
         norms = w.grad.flatten(1).norm(dim=1)
         assert (norms[used] > 0).all() and (norms[~used] == 0).all()
     assert not used[5]
+
+
+@pytest.mark.parametrize("expert_gemm", ["grouped", "loop"])
+def test_experts_run_in_the_autocast_dtype(expert_gemm):
+    # Under autocast the residual stream stays fp32 but the experts' matmuls run in bf16: the output comes
+    # back fp32, close to the fp32 reference, and the gradients reach the fp32 expert weights.
+    torch.manual_seed(0)
+    moe = MoE(16, 6, 8, n_shared=1, expert_gemm=expert_gemm)
+    x = torch.randn(4, 5, 16)
+    expected, _ = slow_moe(moe, x)
+    assert compute_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(x) == torch.bfloat16
+        y, aux = moe(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, atol=0.05, rtol=0.05)
+    y.square().sum().backward()
+    assert moe.w1.grad.dtype == torch.float32 and moe.w1.grad.abs().sum() > 0
 
 
 def test_balance_loss_minimum_and_entropy_closed_form():
