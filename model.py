@@ -230,7 +230,7 @@ class GPT(nn.Module):
             c = self.config
             if c.routing == "top_k":
                 experts_per_token = c.top_k
-            elif moes and "experts_per_token" in moes[0].stats:
+            elif moes and moes[0].last_routing is not None:  # measured in the last forward
                 experts_per_token = sum(m.stats["experts_per_token"].item() for m in moes) / len(moes)
             else:
                 experts_per_token = c.min_k

@@ -251,14 +251,18 @@ class MoE(nn.Module):
                 "k_histogram": torch.bincount(k, minlength=self.n_experts + 1)[1:],     # tokens with 1..E
                 "tokens_per_expert": counts}
 
+    def gemm_path(self, xs):
+        """"grouped" or "loop": the path `experts` takes for rows xs, already in the compute dtype."""
+        wanted = self.expert_gemm == "grouped" or (self.expert_gemm == "auto" and xs.device.type == "cuda")
+        return "grouped" if wanted and grouped_mm_available(xs, self.w1) else "loop"
+
     def experts(self, xs, counts, gate):
         """xs (M, n_embd) with rows sorted by expert, counts (E,) rows per expert, gate (M, 1) router
         probabilities -> (M, n_embd): each row through its expert's SwiGLU, times its gate."""
         dtype = compute_dtype(xs)
         xs, gate = xs.to(dtype), gate.to(dtype)
         w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
-        grouped = self.expert_gemm == "grouped" or (self.expert_gemm == "auto" and xs.device.type == "cuda")
-        if grouped and grouped_mm_available(xs, w1):
+        if self.gemm_path(xs) == "grouped":
             # One grouped GEMM per weight: each expert's slice times its own matrix, in one kernel.
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)

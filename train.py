@@ -391,9 +391,10 @@ def main(argv):
                 with autocast:
                     _, loss = model(x, y)
                 (loss / stage.grad_accum).backward()
+                stats = [m.stats for m in moes]  # computed on each read: read once per layer
                 sums += torch.cat([torch.stack([loss.detach(), raw_model.last["ce"], raw_model.last["aux"]])] +
-                                  [m.stats["experts_per_token"].view(1) for m in moes] +
-                                  [m.stats["tokens_per_expert"].float() for m in moes]).float()
+                                  [st["experts_per_token"].view(1) for st in stats] +
+                                  [st["tokens_per_expert"].float() for st in stats]).float()
             sums /= stage.grad_accum
             if ddp:
                 dist.all_reduce(sums, op=dist.ReduceOp.AVG)
