@@ -119,36 +119,43 @@ def apply_rope(x, cos, sin):
 
 
 # -----------------------------------------------------------------------------------------------------
-# One attention layer
+# One attention layer. Every layer is one of three kinds, spelled the same everywhere (config layout,
+# blocks, KV cache, FLOP count):
+
+LOCAL = "L"    # sliding window: sees the last `window` positions; caches at most `window` of them
+GLOBAL = "G"   # sees every position; computes and caches its own K/V
+SHARED = "S"   # global, but reuses the K/V of the GLOBAL layer before it: no K/V weights, nothing cached
+KINDS = (LOCAL, GLOBAL, SHARED)
+
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention with GQA, local or global.
+    """Multi-head causal self-attention with GQA, of one of the three kinds above. A SHARED layer owns
+    only its query and output projections."""
 
-    window=None: global; window=w: local. share_kv=True (global layers only): the layer takes the K/V that
-    the previous global layer computed and owns only its query and output projections.
-    """
-
-    def __init__(self, n_embd, n_head, n_kv_head, window=None, share_kv=False, dropout=0.0):
+    def __init__(self, n_embd, n_head, n_kv_head, kind=GLOBAL, window=None, dropout=0.0):
         super().__init__()
-        if share_kv and window is not None:
-            raise ValueError("only global layers share K/V (a sharing layer must have window=None)")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+        if kind == LOCAL and (window is None or window < 1):
+            raise ValueError(f"a LOCAL layer needs a window >= 1; got {window}")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
-        self.window, self.share_kv = window, share_kv
+        self.kind = kind
+        self.window = window if kind == LOCAL else None  # what causal_attention takes: None is global
         self.q_proj = nn.Linear(n_embd, n_head * self.head_dim, bias=False)
-        self.kv_proj = None if share_kv else nn.Linear(n_embd, 2 * n_kv_head * self.head_dim, bias=False)
+        self.kv_proj = None if kind == SHARED else nn.Linear(n_embd, 2 * n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(n_head * self.head_dim, n_embd, bias=False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, cos, sin, shared_kv=None, cache=None, layer=None):
-        """x (B, T, C); cos/sin for the T new positions. Returns (y, (k, v)) where k, v are all the keys and
-        values this layer attended to, so that a following sharing layer can reuse them."""
+    def forward(self, x, cos, sin, kv=None, cache=None, layer=None):
+        """x (B, T, C); cos/sin for the T new positions; kv: the previous GLOBAL layer's (k, v), which a
+        SHARED layer attends to. Returns (y, (k, v)): the keys and values this layer attended to."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
-        if self.share_kv:
-            if shared_kv is None:
-                raise ValueError("a KV-sharing layer needs the K/V of the previous global layer")
-            k, v = shared_kv
+        if self.kind == SHARED:
+            if kv is None:
+                raise ValueError("a SHARED layer needs the K/V of the GLOBAL layer before it")
+            k, v = kv
         else:
             k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
             k = apply_rope(k, cos, sin)
@@ -165,15 +172,17 @@ class Attention(nn.Module):
 class KVCache:
     """Keys and values of past positions, per layer, for decoding one token (or a chunk) at a time.
 
-    layers: one entry per layer: an int window (local: a ring buffer of at most `window` positions),
-    None (global: every position up to max_len), or "shared" (stores nothing; reuses the previous global).
+    kinds: one per layer. LOCAL keeps a ring buffer of at most `window` positions, GLOBAL every position up
+    to max_len, SHARED nothing (it reuses the GLOBAL layer before it).
     """
 
-    def __init__(self, layers, batch_size, n_kv_head, head_dim, max_len, device=None, dtype=torch.float32):
-        self.layers, self.max_len, self.pos = list(layers), max_len, 0
+    def __init__(self, kinds, window, batch_size, n_kv_head, head_dim, max_len, device=None, dtype=torch.float32):
+        if set(kinds) - set(KINDS):
+            raise ValueError(f"layer kinds must be among {KINDS}; got {sorted(set(kinds) - set(KINDS))}")
+        self.kinds, self.max_len, self.pos = list(kinds), max_len, 0
         self.k, self.v = [], []
-        for kind in self.layers:
-            n = 0 if kind == "shared" else (max_len if kind is None else min(kind, max_len))
+        for kind in self.kinds:
+            n = {LOCAL: min(window, max_len), GLOBAL: max_len, SHARED: 0}[kind]
             shape = (batch_size, n_kv_head, n, head_dim)
             self.k.append(torch.zeros(shape, device=device, dtype=dtype) if n else None)
             self.v.append(torch.zeros(shape, device=device, dtype=dtype) if n else None)
@@ -190,8 +199,8 @@ class KVCache:
         """Store the new k, v (B, H, T, D) at positions pos .. pos+T-1 of this layer and return every key and
         value the new queries may attend to, in position order (a ring may return the last window unordered
         when T == 1: a single query's attention does not depend on key order)."""
-        T, window, K, V = k.shape[2], self.layers[layer], self.k[layer], self.v[layer]
-        if window is None:  # global: append
+        T, K, V = k.shape[2], self.k[layer], self.v[layer]
+        if self.kinds[layer] == GLOBAL:  # append
             K[:, :, self.pos:self.pos + T] = k
             V[:, :, self.pos:self.pos + T] = v
             return K[:, :, :self.pos + T], V[:, :, :self.pos + T]

@@ -22,17 +22,17 @@ import torch
 
 import cli
 from attention import KVCache, causal_attention
-from model import GPT, preset
-from router import MoE, SwiGLU
+from model import GPT, init_weights, preset
+from router import MoE, RouterConfig, SwiGLU
 
 
 @dataclass
 class BenchConfig:
-    device: str = "cpu"
-    preset: str = "tiny"                # model for sections 1 and 5
-    batch_size: int = 8
-    seq_len: int = 128
-    window: int = 256                   # section 2
+    device: str = "cpu"                 # "cpu", "cuda", "cuda:1", ...
+    preset: str = "tiny"                # model for sections 1 and 5 (a name from model.PRESETS)
+    batch_size: int = 8                 # section 1: sequences per training step
+    seq_len: int = 128                  # section 1: tokens per sequence
+    window: int = 256                   # section 2: the local layer's window
     max_T: Optional[int] = None         # section 2: longest T (default 8192 on CPU, 32768 on CUDA)
     repeats: int = 5                    # timings are the median of this many runs
     json: str = ""                      # also write the figures to this file
@@ -62,23 +62,24 @@ def bench_training(cfg, dtype):
     x = torch.randint(0, config.vocab_size, (cfg.batch_size, cfg.seq_len), device=cfg.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
+    experts = []
+
     def step():
         with autocast:
-            _, loss = model(x, x)
+            _, loss, parts = model(x, x, parts=True)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        experts[:] = [r.experts_per_token.float().mean().item() for r in parts.routing]
 
     dt = timed({"step": step}, cfg.repeats, cfg.device)["step"]
     tok_s = cfg.batch_size * cfg.seq_len / dt
     row = {"preset": cfg.preset, "ms_per_step": 1000 * dt, "tokens_per_s": tok_s,
-           "experts_per_token": sum(m.stats["experts_per_token"].item() for m in model.moe_layers())
-           / max(1, len(model.moe_layers()))}
+           "experts_per_token": sum(experts) / max(1, len(experts))}
     if cfg.device.startswith("cuda"):
-        from train import PEAK_BF16_FLOPS, flops_per_token
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
-        if peak:
-            row["mfu"] = flops_per_token(config, model, cfg.seq_len) * tok_s / peak
+        from train import flops_per_token, mfu, peak_flops
+        active = model.num_params(active=True, experts_per_token=experts)
+        row["mfu"] = mfu(flops_per_token(config, active, cfg.seq_len), tok_s, peak_flops(torch.cuda.get_device_name()))
     return row
 
 
@@ -102,7 +103,7 @@ def bench_attention(cfg, dtype):
 
 def kv_bytes(config, context):
     """Bytes of a bf16 KV cache for one sequence, from the cache object itself (on the meta device)."""
-    return KVCache(config.cache_layers(), 1, config.n_kv_head, config.n_embd // config.n_head, context,
+    return KVCache(config.layout(), config.window, 1, config.n_kv_head, config.n_embd // config.n_head, context,
                    device="meta", dtype=torch.bfloat16).nbytes()
 
 
@@ -112,7 +113,7 @@ def bench_kv_cache():
     # The issue's reference shape: 12 layers, 3 local : 1 global, window 4096, sharing between global pairs.
     shapes["12L_w4096"] = preset("gpt2_124m", window=4096, block_size=65536)
     for name, config in shapes.items():
-        baseline = replace(config, attn_pattern="G", kv_share=False)
+        baseline = replace(config, attn_pattern="G", share_kv=False)
         for context in (4096, 16384, 65536):
             hybrid, full = kv_bytes(config, context), kv_bytes(baseline, context)
             kinds = config.layout()
@@ -127,7 +128,8 @@ def bench_moe(cfg, dtype):
     torch.manual_seed(0)
     n_embd, n_experts, hidden, tokens = 256, 16, 256, 4096
     x = torch.randn(tokens, n_embd, device=cfg.device, dtype=dtype, requires_grad=True)
-    moe = MoE(n_embd, n_experts, hidden, n_shared=0, routing="top_k", top_k=2).to(cfg.device)
+    moe = MoE(n_embd, n_experts, hidden, n_shared=0, config=RouterConfig(routing="top_k", top_k=2)).to(cfg.device)
+    init_weights(moe, n_layer=1)
     dense = SwiGLU(n_embd, 2 * hidden).to(cfg.device)  # the same active FLOPs as two experts
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
@@ -143,13 +145,14 @@ def bench_moe(cfg, dtype):
     t = timed({"moe": lambda: run(moe, "auto"), "dense": lambda: run(dense)}, 3 * cfg.repeats, cfg.device)
     paths = timed({"grouped": lambda: run(moe, "grouped"), "loop": lambda: run(moe, "loop")}, cfg.repeats, cfg.device)
     moe.expert_gemm = "auto"
-    top_p = MoE(n_embd, n_experts, hidden, n_shared=0, routing="top_p", top_p=0.4).to(cfg.device)
-    top_p(x.detach())
+    top_p = MoE(n_embd, n_experts, hidden, n_shared=0, config=RouterConfig(routing="top_p", top_p=0.4)).to(cfg.device)
+    init_weights(top_p, n_layer=1)
+    routing = top_p(x.detach())[2]
     return {"tokens": tokens, "n_embd": n_embd, "experts": n_experts, "dense_ms": 1000 * t["dense"],
             "moe_ms": 1000 * t["moe"], "moe_vs_dense": t["moe"] / t["dense"],
             "auto_uses": moe.gemm_path(x),
             "grouped_vs_loop": paths["grouped"] / paths["loop"],
-            "top_p_0.4_experts_per_token_at_init": top_p.stats["experts_per_token"].item()}
+            "top_p_0.4_experts_per_token_at_init": routing.experts_per_token.float().mean().item()}
 
 
 @torch.inference_mode()  # the mode generate() runs in, for both sides of the comparison

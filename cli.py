@@ -1,16 +1,22 @@
 """
-The one place that turns command-line arguments into typed settings, for train.py, sample.py and bench.py.
+The one place that turns command-line arguments into typed settings, for train.py, sample.py, bench.py and
+the data/*/prepare.py scripts.
 
     python train.py config/default.py --n_layer=6 --lr=3e-4 --compile=False
+    python train.py --help
 
 A config file is plain Python that assigns names (see config/); `--key=value` overrides come after it, and a
 bare `--flag` means `--flag=True`. Every name must be a field of one of the given dataclasses, and every value
 must fit the field's type; anything else is a ConfigError whose message says what was wrong and what fits.
+`--help` lists every setting with its type, default and meaning: the meaning is the comment beside the field
+in its dataclass, so the documentation cannot drift from the code.
 """
 
 import ast
 import dataclasses
 import difflib
+import inspect
+import re
 import types
 import typing
 
@@ -31,9 +37,12 @@ def _check(key, value, kind):
         return float(value)
     expected = origin or kind
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-        raise ConfigError(f"{key} must be {getattr(kind, '__name__', kind)}; got {value!r} "
-                          f"({type(value).__name__})")
+        raise ConfigError(f"{key} must be {_type_name(kind)}; got {value!r} ({type(value).__name__})")
     return value
+
+
+def _type_name(kind):
+    return re.sub(r"typing\.|<class '(\w+)'>", r"\1", str(kind)) if not isinstance(kind, type) else kind.__name__
 
 
 def _parse_value(raw):
@@ -44,17 +53,52 @@ def _parse_value(raw):
         return raw
 
 
-def parse(argv, *schemas, allow_file=True):
+def _comments(schema):
+    """{field name: the comment on its line} from the dataclass's source."""
+    try:
+        source = inspect.getsource(schema)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, flags=re.M))
+
+
+def help_text(schemas, nested=()):
+    """Every setting of the schemas (and, listed apart, of the nested ones, e.g. a training stage's)."""
+    lines = []
+    for schema, title in [(s, f"{s.__name__} settings (--key=value or key = value in a config file)")
+                          for s in schemas] + [(s, f"{s.__name__} settings (keys of each entry)") for s in nested]:
+        lines.append(f"\n{title}:")
+        notes = _comments(schema)
+        for f in dataclasses.fields(schema):
+            if dataclasses.is_dataclass(f.type):
+                continue  # its own fields are listed as flat settings
+            default = f.default if f.default is not dataclasses.MISSING else (
+                "(required)" if f.default_factory is dataclasses.MISSING else f.default_factory())
+            lines.append(f"  --{f.name}  ({_type_name(f.type)}, default {default!r})  {notes.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def parse(argv, *schemas, allow_file=True, nested=()):
     """Settings from [config.py] [--key=value ...] as a dict {field name: checked value}, for the fields of
-    the given dataclasses (only the names that were set)."""
-    known = {f.name: f.type for schema in schemas for f in dataclasses.fields(schema)}
+    the given dataclasses (only the names that were set). `nested` dataclasses are only documented: their
+    settings go inside another setting (a stage's inside `stages`), and naming one at the top level says so.
+    --help (or -h) prints every setting and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text(schemas, nested))
+        raise SystemExit(0)
+    known = {f.name: f.type for schema in schemas for f in dataclasses.fields(schema)
+             if not dataclasses.is_dataclass(f.type)}
+    inner = {f.name: schema for schema in nested for f in dataclasses.fields(schema)}
 
     def check(key, value, where):
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(known))}"
-            raise ConfigError(f"unknown setting {key!r} in {where}{hint}")
-        return _check(key, value, known[key])
+        if key in known:
+            return _check(key, value, known[key])
+        if key in inner:
+            raise ConfigError(f"{key!r} in {where} is a setting of each {inner[key].__name__.lower()}, not of "
+                              f"the run: put it inside each entry, e.g. stages = [dict(name=..., {key}=...)]")
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; --help lists them"
+        raise ConfigError(f"unknown setting {key!r} in {where}{hint}")
 
     settings = {}
     for arg in argv:
@@ -62,19 +106,28 @@ def parse(argv, *schemas, allow_file=True):
             key, eq, raw = arg[2:].partition("=")
             settings[key] = check(key, _parse_value(raw) if eq else True, f"--{key}")
         elif allow_file and arg.endswith(".py"):
-            namespace = {}
-            try:
-                with open(arg) as f:
-                    exec(compile(f.read(), arg, "exec"), namespace)
-            except OSError as e:
-                raise ConfigError(f"cannot read config file {arg}: {e.strerror}") from None
-            for key, value in namespace.items():
-                if not key.startswith("_") and not isinstance(value, (types.ModuleType, type, types.FunctionType)):
-                    settings[key] = check(key, value, arg)
+            for key, value in _read_file(arg).items():
+                settings[key] = check(key, value, arg)
         else:
             raise ConfigError(f"unexpected argument {arg!r}: settings are --key=value"
                               + (" after an optional config/<run>.py" if allow_file else ""))
     return settings
+
+
+def _read_file(path):
+    """The names a config file assigns (not modules, classes, functions or _private names)."""
+    namespace = {}
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), namespace)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except SyntaxError as e:
+        raise ConfigError(f"syntax error in config file {path}, line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # the file is Python: it can fail in any way while it runs
+        raise ConfigError(f"config file {path} failed while running: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, (types.ModuleType, type, types.FunctionType))}
 
 
 def build(schema, settings):

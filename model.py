@@ -6,63 +6,54 @@ top-p Mixture-of-Experts of router.py.
               -> RMSNorm -> tied output projection -> logits
 
 Which layers are local or global, which global layers share K/V and which layers are MoE all come from
-GPTConfig; `layer_kinds` turns the config into the per-layer layout that the blocks and the KV cache use.
+GPTConfig; `GPTConfig.layout()` gives each layer's attention kind (attention.LOCAL, GLOBAL or SHARED), which
+the blocks, the KV cache and the FLOP count all read. The router's settings are one RouterConfig (router.py).
 """
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import Attention, KVCache, rope_cache
-from router import MoE, SwiGLU, top_k_mask, top_p_mask
+from attention import GLOBAL, LOCAL, SHARED, Attention, KVCache, rope_cache
+from router import MoE, RouterConfig, SwiGLU, top_k_mask, top_p_mask
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50304          # GPT-2's 50257 padded up to a multiple of 64
+    vocab_size: int = 50304          # token ids the model knows; train.py takes the data's, padded to a multiple of 64
     block_size: int = 256            # longest training sequence
-    n_layer: int = 4
-    n_head: int = 4
+    n_layer: int = 4                 # transformer blocks
+    n_head: int = 4                  # query heads
     n_kv_head: int = 2               # grouped-query attention: n_head / n_kv_head query heads per K/V head
-    n_embd: int = 128
+    n_embd: int = 128                # width of the residual stream
     # Hybrid attention
     attn_pattern: str = "LLLG"       # L = local, G = global, tiled over the layers (Yi-Lightning: LLLG)
     window: int = 64                 # local layers see this many positions (themselves included)
-    kv_share: bool = False           # pairs of consecutive global layers share one K/V (the 2nd reuses the 1st)
-    rope_base: float = 10000.0
+    share_kv: bool = False           # global layers share K/V in pairs: the 2nd of each pair reuses the 1st's
+    rope_base: float = 10000.0       # RoPE base at the start of training (a stage may raise it)
     # Mixture-of-Experts
     n_dense_layers: int = 1          # the first layers keep a dense MLP (as in DeepSeekMoE)
     mlp_hidden: Optional[int] = None     # dense SwiGLU hidden size; default 8/3 * n_embd rounded up to 8
     n_experts: int = 8               # routed experts per MoE layer
     n_shared: int = 1                # always-on shared experts per MoE layer
     expert_hidden: Optional[int] = None  # hidden size of one expert; default mlp_hidden // 4 (fine-grained)
-    routing: str = "top_p"           # "top_p" (dynamic) or "top_k" (the fixed baseline)
-    top_p: float = 0.4               # Huang et al. 2024
-    top_k: int = 2
-    min_k: int = 1
-    max_k: Optional[int] = None
-    n_expert_groups: int = 1         # expert groups (one per expert-parallel rank) for the group balance loss
-    balance_loss: float = 1e-2       # Switch-style expert balance (Huang et al. 2024)
-    group_balance_loss: float = 0.0  # group-level balance (DeepSeek-V2 uses 0.05 for its device-level loss)
-    entropy_loss: float = 1e-4       # router entropy, the "dynamic loss" (Huang et al. 2024)
-    z_loss: float = 1e-3             # router z-loss (ST-MoE)
-    target_experts: Optional[float] = None  # if set, a controller moves top_p to hold this many experts/token
-    controller_gain: float = 0.05
+    router: RouterConfig = field(default_factory=RouterConfig)  # how tokens pick experts (router.py)
     # The rest
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
+    dropout: float = 0.0             # dropout probability (0 for pretraining-style runs)
+    tie_embeddings: bool = True      # the output layer reuses the token embedding
+    norm_eps: float = 1e-5           # RMSNorm epsilon
 
     def __post_init__(self):
         def need(ok, message):
             if not ok:
                 raise ValueError(message)
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window",
-                     "n_experts", "top_k", "min_k", "n_expert_groups"):
+        if isinstance(self.router, dict):  # as stored in a checkpoint
+            self.router = RouterConfig(**self.router)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window", "n_experts"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
         need(self.n_embd % self.n_head == 0,
              f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): pick e.g. n_head="
@@ -71,27 +62,16 @@ class GPTConfig:
              f"got {self.n_embd // self.n_head}")
         need(self.n_head % self.n_kv_head == 0,
              f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
-        need(len(self.attn_pattern) > 0 and set(self.attn_pattern) <= {"L", "G"},
+        need(len(self.attn_pattern) > 0 and set(self.attn_pattern) <= {LOCAL, GLOBAL},
              f"attn_pattern must be a non-empty string of L (local) and G (global); got {self.attn_pattern!r}")
-        n_global = sum(kind != "L" for kind in self.layout())
-        need(not self.kv_share or n_global >= 2, f"kv_share needs at least two global layers to pair; "
-             f"attn_pattern {self.attn_pattern!r} over {self.n_layer} layers has {n_global}: set kv_share=False")
+        n_global = sum(kind != LOCAL for kind in self.layout())
+        need(not self.share_kv or n_global >= 2, f"share_kv needs at least two global layers to pair; "
+             f"attn_pattern {self.attn_pattern!r} over {self.n_layer} layers has {n_global}: set share_kv=False")
         need(0 <= self.n_dense_layers <= self.n_layer, f"n_dense_layers must be in [0, n_layer]; "
              f"got {self.n_dense_layers}")
-        need(self.routing in ("top_p", "top_k"), f"routing must be 'top_p' or 'top_k'; got {self.routing!r}")
-        need(0 < self.top_p <= 1, f"top_p must be in (0, 1]; got {self.top_p}")
-        need(self.top_k <= self.n_experts, f"top_k ({self.top_k}) cannot exceed n_experts ({self.n_experts})")
-        max_k = self.n_experts if self.max_k is None else self.max_k
-        need(self.min_k <= max_k <= self.n_experts, f"need min_k <= max_k <= n_experts; got min_k="
-             f"{self.min_k}, max_k={self.max_k}, n_experts={self.n_experts}")
-        need(self.n_experts % self.n_expert_groups == 0, f"n_experts ({self.n_experts}) must be divisible "
-             f"by n_expert_groups ({self.n_expert_groups})")
-        need(self.target_experts is None or 1 <= self.target_experts <= self.n_experts,
-             f"target_experts must be in [1, n_experts]; got {self.target_experts}")
         need(0 <= self.dropout < 1, f"dropout must be in [0, 1); got {self.dropout}")
         need(self.rope_base > 1, f"rope_base must be > 1; got {self.rope_base}")
-        for name in ("balance_loss", "group_balance_loss", "entropy_loss", "z_loss"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
+        self.router.check(self.n_experts)
         if self.mlp_hidden is None:
             self.mlp_hidden = 8 * ((8 * self.n_embd // 3 + 7) // 8)
         if self.expert_hidden is None:
@@ -99,49 +79,76 @@ class GPTConfig:
         need(self.mlp_hidden >= 1 and self.expert_hidden >= 1, "mlp_hidden and expert_hidden must be >= 1")
 
     def layout(self):
-        """Per layer: "L" (local), "G" (global, own K/V) or "S" (global, reuses the previous G's K/V)."""
+        """Each layer's attention kind: LOCAL, GLOBAL, or SHARED (with share_kv, every second global layer
+        reuses the K/V of the GLOBAL layer before it). Blocks, the KV cache and the FLOP count all read it."""
         kinds = [self.attn_pattern[i % len(self.attn_pattern)] for i in range(self.n_layer)]
         n_global = 0
         for i, kind in enumerate(kinds):
-            if kind == "G":
-                if self.kv_share and n_global % 2 == 1:
-                    kinds[i] = "S"
+            if kind == GLOBAL:
+                if self.share_kv and n_global % 2 == 1:
+                    kinds[i] = SHARED
                 n_global += 1
         return kinds
 
-    def cache_layers(self):
-        """The layout in the KV cache's terms: window (local), None (global) or "shared"."""
-        return [{"L": self.window, "G": None, "S": "shared"}[kind] for kind in self.layout()]
+
+def make_config(settings):
+    """GPTConfig from one flat dict of settings (a preset, a config file, --key=value): the router's settings
+    go to its RouterConfig, the rest to the GPTConfig."""
+    router_names = {f.name for f in fields(RouterConfig)}
+    router = RouterConfig(**{k: v for k, v in settings.items() if k in router_names})
+    return GPTConfig(**{k: v for k, v in settings.items() if k not in router_names}, router=router)
+
+
+class Parts(NamedTuple):
+    """What GPT.forward(..., parts=True) returns beside logits and loss: the loss's pieces and the routing."""
+    ce: Optional[torch.Tensor]          # mean cross-entropy over the targets (None without targets)
+    aux: torch.Tensor                   # the weighted auxiliary router losses (0 in eval mode)
+    token_loss: Optional[torch.Tensor]  # (B, T) cross-entropy of each position (None without targets)
+    routing: tuple                      # one router.Routing per MoE layer, in layer order
 
 
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        kind = config.layout()[layer]
         self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.attn = Attention(config.n_embd, config.n_head, config.n_kv_head,
-                              window=config.window if kind == "L" else None, share_kv=kind == "S",
-                              dropout=config.dropout)
+        self.attn = Attention(config.n_embd, config.n_head, config.n_kv_head, config.layout()[layer],
+                              config.window, config.dropout)
         self.ffn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         if layer < config.n_dense_layers:
             self.ffn = SwiGLU(config.n_embd, config.mlp_hidden)
         else:
-            self.ffn = MoE(config.n_embd, config.n_experts, config.expert_hidden, n_shared=config.n_shared,
-                           routing=config.routing, top_p=config.top_p, top_k=config.top_k, min_k=config.min_k,
-                           max_k=config.max_k, n_groups=config.n_expert_groups, balance_loss=config.balance_loss,
-                           group_balance_loss=config.group_balance_loss, entropy_loss=config.entropy_loss,
-                           z_loss=config.z_loss, target_experts=config.target_experts,
-                           controller_gain=config.controller_gain)
+            self.ffn = MoE(config.n_embd, config.n_experts, config.expert_hidden, config.n_shared, config.router)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, shared_kv, cache, layer):
-        a, kv = self.attn(self.attn_norm(x), cos, sin, shared_kv, cache, layer)
+    def forward(self, x, cos, sin, kv, cache, layer):
+        """Returns (x, the K/V this layer attended to, aux loss, Routing or None for a dense layer)."""
+        a, kv = self.attn(self.attn_norm(x), cos, sin, kv, cache, layer)
         x = x + a
         if isinstance(self.ffn, MoE):
-            f, aux = self.ffn(self.ffn_norm(x))
+            f, aux, routing = self.ffn(self.ffn_norm(x))
         else:
-            f, aux = self.ffn(self.ffn_norm(x)), x.new_zeros(())
-        return x + self.dropout(f), kv, aux
+            f, aux, routing = self.ffn(self.ffn_norm(x)), x.new_zeros(()), None
+        return x + self.dropout(f), kv, aux, routing
+
+
+def init_weights(module, n_layer):
+    """Every weight of a GPT (or of a bare MoE or Attention layer), in one place. Embeddings, projections,
+    routers and experts: normal(0, 0.02). Projections that write into the residual stream (attention's
+    o_proj, every MLP's and expert's w2) are scaled by 1/sqrt(2 * n_layer), as in GPT-2, so the stream's
+    variance does not grow with depth. RMSNorm gains stay at 1."""
+    std, out_std = 0.02, 0.02 / math.sqrt(2 * n_layer)
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        if isinstance(m, MoE):
+            nn.init.normal_(m.w1, mean=0.0, std=std)
+            nn.init.normal_(m.w3, mean=0.0, std=std)
+            nn.init.normal_(m.w2, mean=0.0, std=out_std)
+    for m in module.modules():  # after the loop above, which gave these the plain std
+        if isinstance(m, Attention):
+            nn.init.normal_(m.o_proj.weight, mean=0.0, std=out_std)
+        if isinstance(m, SwiGLU):
+            nn.init.normal_(m.w2.weight, mean=0.0, std=out_std)
 
 
 class GPT(nn.Module):
@@ -156,20 +163,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-        # GPT-2: scale the init of projections into the residual stream by 1/sqrt(2 * n_layer).
-        for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "w2.weight", "ffn.w2")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-            elif name.endswith(("ffn.w1", "ffn.w3")):
-                nn.init.normal_(p, mean=0.0, std=0.02)
-        self.last = {}
+        init_weights(self, config.n_layer)
         if verbose:
             print(self.describe())
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_extra_state(self):
         return {"rope_base": self.rope_base}
@@ -181,13 +177,13 @@ class GPT(nn.Module):
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
 
     # -------------------------------------------------------------------------------------------------
-    def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) token ids. Returns (logits, loss).
+    def forward(self, idx, targets=None, cache=None, parts=False):
+        """idx (B, T) token ids. Returns (logits, loss), or (logits, loss, Parts) with parts=True.
 
         With targets (B, T; -1 = ignore): logits for every position and loss = mean cross-entropy + the
-        weighted auxiliary router losses; `self.last` then holds the plain cross-entropy ("ce"), the
-        auxiliary loss ("aux") and the per-token losses ("token_loss", B x T) for logging and analysis.
-        Without targets: logits of the last position only, loss None. With a KVCache: continue from it.
+        weighted auxiliary router losses. Without targets: logits of the last position only, loss None.
+        With a KVCache: continue from it. Parts holds the plain cross-entropy, the auxiliary loss, the
+        per-token losses and each MoE layer's routing, as tensors (nothing is read back from a GPU here).
         """
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
@@ -198,55 +194,63 @@ class GPT(nn.Module):
         cos, sin = rope_cache(torch.arange(start, start + T, device=idx.device),
                               self.config.n_embd // self.config.n_head, self.rope_base)
         x = self.drop(self.wte(idx))
-        kv, aux = None, x.new_zeros(())
+        kv, aux, routing = None, x.new_zeros(()), []
         for i, block in enumerate(self.blocks):
-            x, layer_kv, layer_aux = block(x, cos, sin, kv, cache, i)
-            if block.attn.window is None and not block.attn.share_kv:
-                kv = layer_kv  # the K/V a following sharing layer reuses
+            x, layer_kv, layer_aux, layer_routing = block(x, cos, sin, kv, cache, i)
+            if block.attn.kind == GLOBAL:
+                kv = layer_kv  # the K/V a following SHARED layer reuses
             aux = aux + layer_aux
+            if layer_routing is not None:
+                routing.append(layer_routing)
         if cache is not None:
             cache.pos += T
         x = self.norm(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
-                                     reduction="none").view(B, T)
-        ce = token_loss.sum() / (targets != -1).sum().clamp(min=1)
-        self.last = {"ce": ce.detach(), "aux": aux.detach(), "token_loss": token_loss.detach()}
-        return logits, ce + aux
+            logits, loss, ce, token_loss = self.lm_head(x[:, [-1], :]), None, None, None
+        else:
+            logits = self.lm_head(x)
+            token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
+                                         reduction="none").view(B, T)
+            ce = token_loss.sum() / (targets != -1).sum().clamp(min=1)
+            loss = ce + aux
+        if parts:
+            return logits, loss, Parts(ce, aux, token_loss, tuple(routing))
+        return logits, loss
 
     # -------------------------------------------------------------------------------------------------
     def num_params(self, active=False, experts_per_token=None):
-        """Total parameters (tied embeddings counted once), or the parameters one token uses: everything
-        but the routed experts, plus `experts_per_token` routed experts per MoE layer (default: top_k for
-        top-k routing, the mean measured in the last forward for top-p, else min_k)."""
+        """Total parameters (tied embeddings counted once), or with active=True the parameters one token
+        uses: everything but the routed experts, plus `experts_per_token` routed experts per MoE layer (a
+        number, or one per MoE layer). Left out, each layer's live routing decides: top_k for top-k; top-p
+        picks a varying number, so there the measured experts per token must be given."""
         total = sum(p.numel() for p in self.parameters())
         if not active:
             return total
         moes = self.moe_layers()
-        routed = sum(m.w1.numel() + m.w2.numel() + m.w3.numel() for m in moes)
         if experts_per_token is None:
-            c = self.config
-            if c.routing == "top_k":
-                experts_per_token = c.top_k
-            elif moes and moes[0].last_routing is not None:  # measured in the last forward
-                experts_per_token = sum(m.stats["experts_per_token"].item() for m in moes) / len(moes)
-            else:
-                experts_per_token = c.min_k
-        return round(total - routed + routed * experts_per_token / self.config.n_experts)
+            if any(m.config.routing == "top_p" for m in moes):
+                raise ValueError("top-p routing uses a varying number of experts per token: pass the measured "
+                                 "experts_per_token (Parts.routing of a forward)")
+            experts_per_token = [m.config.top_k for m in moes]
+        if isinstance(experts_per_token, (int, float)):
+            experts_per_token = [experts_per_token] * len(moes)
+        if len(experts_per_token) != len(moes):
+            raise ValueError(f"experts_per_token needs one value per MoE layer ({len(moes)}); "
+                             f"got {len(experts_per_token)}")
+        per_expert = 3 * self.config.n_embd * self.config.expert_hidden
+        routed = per_expert * self.config.n_experts * len(moes)
+        return round(total - routed + per_expert * sum(experts_per_token))
 
     def describe(self):
         c = self.config
-        kinds = "".join(c.layout())
         moes = self.moe_layers()
-        per_expert = 3 * c.n_embd * c.expert_hidden * len(moes)
-        line = (f"GPT: {self.num_params() / 1e6:.2f}M parameters, layout {kinds} (L local w={c.window}, "
-                f"G global, S shares the previous G's K/V), {len(moes)} MoE layers of {c.n_experts} experts "
-                f"+ {c.n_shared} shared")
+        line = (f"GPT: {self.num_params() / 1e6:.2f}M parameters, layout {''.join(c.layout())} (L local "
+                f"w={c.window}, G global, S shares the previous G's K/V), {len(moes)} MoE layers of "
+                f"{c.n_experts} experts + {c.n_shared} shared, {c.router.routing} routing")
         if moes:
-            line += (f"; active per token {self.num_params(True, c.min_k) / 1e6:.2f}M at {c.min_k} routed "
-                     f"expert(s), +{per_expert / 1e6:.3f}M per extra expert")
+            per_expert = 3 * c.n_embd * c.expert_hidden * len(moes)
+            line += (f"; active per token {self.num_params(True, 0) / 1e6:.2f}M + {per_expert / 1e6:.3f}M "
+                     f"per routed expert")
         return line
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
@@ -260,7 +264,7 @@ class GPT(nn.Module):
     def make_cache(self, batch_size, max_len, device=None, dtype=None):
         c = self.config
         weight = self.wte.weight
-        return KVCache(c.cache_layers(), batch_size, c.n_kv_head, c.n_embd // c.n_head, max_len,
+        return KVCache(c.layout(), c.window, batch_size, c.n_kv_head, c.n_embd // c.n_head, max_len,
                        device=device or weight.device, dtype=dtype or weight.dtype)
 
     @torch.inference_mode()  # like no_grad, with less per-op bookkeeping: decoding runs many small ops
@@ -300,23 +304,23 @@ class GPT(nn.Module):
 
 PRESETS = {
     # A few seconds per hundred steps on a laptop CPU: tests and the quickstart.
-    "tiny": dict(n_layer=8, n_head=4, n_kv_head=2, n_embd=64, block_size=128, window=32, kv_share=True,
+    "tiny": dict(n_layer=8, n_head=4, n_kv_head=2, n_embd=64, block_size=128, window=32, share_kv=True,
                  n_experts=8),
     # nanoGPT's shakespeare_char CPU shape (4 layers, 4 heads, 128 wide, block 64), made hybrid + MoE.
     "nano_char": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=64, window=32, n_experts=8),
     # GPT-2-124M-class trunk for one GPU: 12 layers, 12 heads, 768 wide, 1024 context, 64 experts.
-    "gpt2_124m": dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024, window=256, kv_share=True,
+    "gpt2_124m": dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024, window=256, share_kv=True,
                       n_experts=64, n_shared=2, expert_hidden=512),
     # A large Yi-Lightning-like shape for parameter and KV-cache arithmetic only (not trained here). The
     # report does not publish Yi-Lightning's dimensions; these are assumptions of the right magnitude.
     "yi_lightning_like": dict(n_layer=64, n_head=64, n_kv_head=8, n_embd=8192, block_size=65536, window=4096,
-                              kv_share=True,
-                              n_experts=128, n_shared=2, expert_hidden=1536, n_expert_groups=8,
+                              share_kv=True, n_experts=128, n_shared=2, expert_hidden=1536, n_expert_groups=8,
                               vocab_size=100352),
 }
 
 
 def preset(name, **overrides):
+    """GPTConfig of a named shape, with any setting (router settings too) overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return GPTConfig(**{**PRESETS[name], **overrides})
+    return make_config({**PRESETS[name], **overrides})

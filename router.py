@@ -9,13 +9,75 @@ carry the router's confidence). The paper uses p = 0.4, a Switch-style balance l
 entropy "dynamic loss" (weight 1e-4) that stops the router from spreading probability just to buy more
 experts; it reports 1.76 experts per token on average. Yi-Lightning adds balance across expert groups.
 
-Read top to bottom: the selection rules, the losses, then the layer and its dropless dispatch.
-Imports only torch.
+Read top to bottom: the router's settings, the selection rules, the losses, then the layer and its dropless
+dispatch. Imports only torch.
 """
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple, Optional, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------------------------------
+# The router's settings: one validated record, used by the model config, each MoE layer, the training
+# stages (which may change any of them, e.g. top_p or the routing rule) and the checkpoints.
+
+@dataclass(frozen=True)
+class RouterConfig:
+    routing: str = "top_p"           # "top_p" (dynamic: experts until their probabilities reach p) or "top_k"
+    top_p: float = 0.4               # top-p threshold (Huang et al. 2024 use 0.4)
+    top_k: int = 2                   # experts per token under top-k routing
+    min_k: int = 1                   # top-p: at least this many experts per token
+    max_k: Optional[int] = None      # top-p: at most this many experts per token (None: no cap)
+    n_expert_groups: int = 1         # expert groups (one per expert-parallel rank) for the group balance loss
+    balance_loss: float = 1e-2       # weight of the Switch-style expert balance loss (Huang et al. 2024)
+    group_balance_loss: float = 0.0  # weight of the group-level balance loss (DeepSeek-V2 uses 0.05)
+    entropy_loss: float = 1e-4       # weight of the router-entropy "dynamic loss" (Huang et al. 2024)
+    z_loss: float = 1e-3             # weight of the router z-loss (ST-MoE)
+    target_experts: Optional[float] = None  # if set, a controller moves top_p to hold this many experts/token
+    controller_gain: float = 0.05    # how far the controller moves top_p per step, per expert of error / E
+
+    def __post_init__(self):
+        def need(ok, message):
+            if not ok:
+                raise ValueError(message)
+        for f in fields(self):  # types first: a stage's router dict does not pass through the parser
+            value, kinds = getattr(self, f.name), get_args(f.type) or (f.type,)  # Optional[int]: (int, None)
+            fits = isinstance(value, kinds) or (float in kinds and isinstance(value, int))
+            need(fits and not isinstance(value, bool), f"router setting {f.name} must be "
+                 f"{' or '.join('None' if k is type(None) else k.__name__ for k in kinds)}; got {value!r}")
+        need(self.routing in ("top_p", "top_k"), f"routing must be 'top_p' or 'top_k'; got {self.routing!r}")
+        need(0 < self.top_p <= 1, f"top_p must be in (0, 1]; got {self.top_p}")
+        for name in ("top_k", "min_k", "n_expert_groups"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
+        need(self.max_k is None or self.max_k >= self.min_k,
+             f"max_k must be >= min_k ({self.min_k}); got {self.max_k}")
+        for name in ("balance_loss", "group_balance_loss", "entropy_loss", "z_loss"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
+        need(self.target_experts is None or self.target_experts >= 1,
+             f"target_experts must be >= 1; got {self.target_experts}")
+        need(self.controller_gain > 0, f"controller_gain must be > 0; got {self.controller_gain}")
+
+    def check(self, n_experts):
+        """self, if it fits a layer of n_experts routed experts; else ValueError saying what to change."""
+        for name in ("top_k", "min_k", "max_k", "target_experts"):
+            value = getattr(self, name)
+            if value is not None and value > n_experts:
+                raise ValueError(f"{name} ({value}) cannot exceed n_experts ({n_experts})")
+        if n_experts % self.n_expert_groups != 0:
+            raise ValueError(f"n_experts ({n_experts}) must be divisible by n_expert_groups "
+                             f"({self.n_expert_groups})")
+        return self
+
+    def updated(self, n_experts, **changes):
+        """A copy with some settings changed (what a training stage does), checked for n_experts."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"unknown router setting(s) {unknown}; known: {', '.join(f.name for f in fields(self))}")
+        return replace(self, **changes).check(n_experts)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -52,10 +114,13 @@ def top_p_mask(probs, p, min_k=1, max_k=None):
     if p >= 1:
         kept = torch.ones_like(values, dtype=torch.bool)
     else:
-        # Keep an expert while the mass ranked above it is short of p: a prefix of the ranks. Summed in
-        # float64 so that the threshold is not decided by float32 rounding of the running sum.
-        values = values.double()
-        kept = values.cumsum(-1) - values < p
+        # Keep an expert while the mass ranked above it is short of p: a prefix of the ranks. The mass above
+        # rank r is the running sum up to rank r - 1, shifted over, never `running sum - own value` (that
+        # subtraction rounds: 0.5 + 1/3 - 1/3 is not 0.5 in floating point). Summed in float64 (or wider
+        # input's own dtype) so float32 rounding of the running sum does not decide the threshold.
+        mass = values.to(torch.promote_types(values.dtype, torch.float64)).cumsum(-1)
+        above = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)
+        kept = above < p
     if min_k > 1:
         kept[:, :min_k] = True
     if max_k < E:
@@ -139,27 +204,29 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-# What a training stage may change on a live MoE layer (MoE.configure).
-ROUTER_SETTINGS = {"routing", "top_p", "top_k", "balance_loss", "group_balance_loss", "entropy_loss", "z_loss",
-                   "target_experts", "controller_gain"}
+class Routing(NamedTuple):
+    """What one MoE forward decided, as tensors. Reading their values syncs a GPU: the caller decides when."""
+    experts_per_token: torch.Tensor  # (*token shape): routed experts each token got
+    tokens_per_expert: torch.Tensor  # (n_experts,): tokens each routed expert got
 
 
 class MoE(nn.Module):
     """n_experts fine-grained routed SwiGLU experts (hidden size `expert_hidden` each) plus n_shared
-    always-on experts. forward(x) -> (y, aux_loss); statistics of the last forward in `self.stats`.
+    always-on experts. forward(x) -> (y, aux_loss, Routing).
 
-    Each expert has 3 * n_embd * expert_hidden parameters; a token uses n_shared of them always and, on
-    average, `stats["experts_per_token"]` routed ones. The n_shared shared experts are one SwiGLU of hidden
-    n_shared * expert_hidden: the sum of independent MLPs is exactly an MLP with their hidden units side
-    by side.
+    Each expert has 3 * n_embd * expert_hidden parameters. The n_shared shared experts are one SwiGLU of
+    hidden n_shared * expert_hidden: the sum of independent MLPs is exactly an MLP with their hidden units
+    side by side. The weights are created uninitialised: model.init_weights sets every weight of the model
+    in one place (call it on a bare MoE too).
 
+    config: the RouterConfig this layer routes with. A training stage may swap it (`self.config = ...`) and
+    the sparsity controller moves its top_p, so it travels with the state dict: a model loaded from a
+    checkpoint routes exactly as it last trained.
     expert_gemm: "grouped" (one torch._grouped_mm per weight, over every expert's slice at once), "loop"
     (one expert at a time), or "auto": grouped on CUDA and the loop on CPU, the faster of the two on each.
     """
 
-    def __init__(self, n_embd, n_experts, expert_hidden, n_shared=1, routing="top_p", top_p=0.4, top_k=2,
-                 min_k=1, max_k=None, n_groups=1, balance_loss=1e-2, group_balance_loss=0.0,
-                 entropy_loss=1e-4, z_loss=1e-3, target_experts=None, controller_gain=0.01, expert_gemm="auto"):
+    def __init__(self, n_embd, n_experts, expert_hidden, n_shared=1, config=RouterConfig(), expert_gemm="auto"):
         super().__init__()
         if n_experts < 1:
             raise ValueError(f"n_experts must be >= 1; got {n_experts}")
@@ -167,55 +234,30 @@ class MoE(nn.Module):
             raise ValueError(f"n_shared must be >= 0; got {n_shared}")
         if expert_gemm not in ("auto", "grouped", "loop"):
             raise ValueError(f"expert_gemm must be 'auto', 'grouped' or 'loop'; got {expert_gemm!r}")
-        self.n_experts, self.n_groups, self.expert_gemm = n_experts, n_groups, expert_gemm
-        self.min_k, self.max_k = min_k, max_k
-        self.configure(routing=routing, top_p=top_p, top_k=top_k, balance_loss=balance_loss,
-                       group_balance_loss=group_balance_loss, entropy_loss=entropy_loss, z_loss=z_loss,
-                       target_experts=target_experts, controller_gain=controller_gain)
+        self.n_experts, self.expert_gemm = n_experts, expert_gemm
+        self.config = config.check(n_experts)
         self.router = nn.Linear(n_embd, n_experts, bias=False)
-        scale = n_embd ** -0.5
-        self.w1 = nn.Parameter(torch.randn(n_experts, n_embd, expert_hidden) * scale)
-        self.w3 = nn.Parameter(torch.randn(n_experts, n_embd, expert_hidden) * scale)
-        self.w2 = nn.Parameter(torch.randn(n_experts, expert_hidden, n_embd) * expert_hidden ** -0.5)
+        self.w1 = nn.Parameter(torch.empty(n_experts, n_embd, expert_hidden))
+        self.w3 = nn.Parameter(torch.empty(n_experts, n_embd, expert_hidden))
+        self.w2 = nn.Parameter(torch.empty(n_experts, expert_hidden, n_embd))
         self.shared = SwiGLU(n_embd, n_shared * expert_hidden) if n_shared > 0 else None
-        self.last_routing = None
 
-    def configure(self, **settings):
-        """Change router settings (a training stage may); validated here so a bad stage fails at once."""
-        for key, value in settings.items():
-            if key not in ROUTER_SETTINGS:
-                raise ValueError(f"unknown router setting {key!r}; known: {sorted(ROUTER_SETTINGS)}")
-            setattr(self, key, value)
-        if self.routing not in ("top_p", "top_k"):
-            raise ValueError(f"routing must be 'top_p' or 'top_k'; got {self.routing!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
-        if not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"top_k must be in [1, n_experts={self.n_experts}]; got {self.top_k}")
-        if self.n_experts % self.n_groups != 0:
-            raise ValueError(f"n_experts ({self.n_experts}) must be divisible by n_groups ({self.n_groups})")
-        if self.target_experts is not None and not 1 <= self.target_experts <= self.n_experts:
-            raise ValueError(f"target_experts must be in [1, n_experts]; got {self.target_experts}")
-        if not 1 <= self.min_k <= (self.max_k or self.n_experts) <= self.n_experts:
-            raise ValueError(f"need 1 <= min_k <= max_k <= n_experts; got min_k={self.min_k}, "
-                             f"max_k={self.max_k}, n_experts={self.n_experts}")
-
-    # top_p can move during training (the sparsity controller), so it travels with the state dict.
     def get_extra_state(self):
-        return {"top_p": self.top_p}
+        return asdict(self.config)
 
     def set_extra_state(self, state):
-        self.top_p = state["top_p"]
+        self.config = RouterConfig(**state).check(self.n_experts)
 
     def route(self, x):
         """Router in fp32: returns logits, probabilities and the bool selection mask, each (N, E)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.router.weight.float())
         probs = logits.softmax(-1)
-        if self.routing == "top_p":
-            mask = top_p_mask(probs.detach(), self.top_p, self.min_k, self.max_k)
+        c = self.config
+        if c.routing == "top_p":
+            mask = top_p_mask(probs.detach(), c.top_p, c.min_k, c.max_k)
         else:
-            mask = top_k_mask(probs.detach(), self.top_k)
+            mask = top_k_mask(probs.detach(), c.top_k)
         return logits, probs, mask
 
     def forward(self, x):
@@ -234,22 +276,7 @@ class MoE(nn.Module):
             y = y + self.shared(x)
 
         aux = self.aux_loss(logits, probs, mask) if self.training else y.new_zeros(())
-
-        self.last_routing = (mask, counts, shape[:-1])  # what `stats` is computed from, when asked
-        return y.view(shape), aux
-
-    @property
-    def stats(self):
-        """Routing statistics of the last forward, as tensors: computed only when asked (decoding never
-        asks), and reading their values is the caller's choice (it syncs a GPU)."""
-        if self.last_routing is None:
-            return {}
-        mask, counts, token_shape = self.last_routing
-        k = mask.sum(-1)
-        return {"experts_per_token": k.float().mean(),                                # mean routed experts
-                "k_per_token": k.view(token_shape),                                     # each token's count
-                "k_histogram": torch.bincount(k, minlength=self.n_experts + 1)[1:],     # tokens with 1..E
-                "tokens_per_expert": counts}
+        return y.view(shape), aux, Routing(mask.sum(-1).view(shape[:-1]), counts)
 
     def gemm_path(self, xs):
         """"grouped" or "loop": the path `experts` takes for rows xs, already in the compute dtype."""
@@ -281,19 +308,25 @@ class MoE(nn.Module):
 
     def aux_loss(self, logits, probs, mask):
         """The weighted sum of the router's auxiliary losses (they only shape training, so eval skips them)."""
-        aux = self.balance_loss * load_balance_loss(probs, mask)
-        if self.group_balance_loss and self.n_groups > 1:
-            aux = aux + self.group_balance_loss * load_balance_loss(probs, mask, self.n_groups)
-        if self.entropy_loss:
-            aux = aux + self.entropy_loss * router_entropy(probs)
-        if self.z_loss:
-            aux = aux + self.z_loss * router_z_loss(logits)
+        c = self.config
+        aux = c.balance_loss * load_balance_loss(probs, mask)
+        if c.group_balance_loss and c.n_expert_groups > 1:
+            aux = aux + c.group_balance_loss * load_balance_loss(probs, mask, c.n_expert_groups)
+        if c.entropy_loss:
+            aux = aux + c.entropy_loss * router_entropy(probs)
+        if c.z_loss:
+            aux = aux + c.z_loss * router_z_loss(logits)
         return aux
+
+    def controls_p(self):
+        """Whether adjust_p does anything: top-p routing with a target for the experts per token."""
+        return self.config.target_experts is not None and self.config.routing == "top_p"
 
     def adjust_p(self, experts_per_token):
         """Sparsity control (DTop-p style): nudge top_p toward the target average experts per token.
         Call once per optimizer step with the mean measured over all ranks, so every rank moves alike."""
-        if self.target_experts is None or self.routing != "top_p":
+        if not self.controls_p():
             return
-        error = (self.target_experts - experts_per_token) / self.n_experts
-        self.top_p = float(min(1.0, max(1e-3, self.top_p + self.controller_gain * error)))
+        c = self.config
+        error = (c.target_experts - experts_per_token) / self.n_experts
+        self.config = replace(c, top_p=float(min(1.0, max(1e-3, c.top_p + c.controller_gain * error))))

@@ -23,20 +23,21 @@ from model import GPT, GPTConfig
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "out/default"
-    checkpoint: str = "ckpt"            # "ckpt" (latest) or "best"
+    out_dir: str = "out/default"        # the run directory train.py wrote
+    checkpoint: str = "ckpt"            # "ckpt" (latest) or "best" (lowest mean val loss)
     start: str = "\n"                   # prompt text, or FILE:path to read it from a file
-    num_samples: int = 1
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    seed: int = 1337
-    device: str = "auto"
+    num_samples: int = 1                # samples to draw, one after another
+    max_new_tokens: int = 200           # tokens to generate per sample
+    temperature: float = 0.8            # 0 is greedy; higher is more random
+    top_k: Optional[int] = None         # sample only among the k most likely tokens
+    top_p: Optional[float] = None       # sample only among the smallest set of tokens whose probability reaches p
+    seed: int = 1337                    # seeds the sampling
+    device: str = "auto"                # "auto" (cuda if available), "cpu", "cuda", ...
 
 
 def load_run(out_dir, which="ckpt", device="cpu"):
-    """(model, tokenizer) from a run directory, or SystemExit with a message that says what is wrong."""
+    """(model, tokenizer) from a run directory, or SystemExit with a message that says what is wrong. The
+    model routes as it last trained: its router settings travel in its state dict."""
     path = os.path.join(out_dir, f"{which}.pt")
     if not os.path.isfile(path):
         runs = sorted(d for d in os.listdir("out") if os.path.isdir(os.path.join("out", d))) \
@@ -44,7 +45,7 @@ def load_run(out_dir, which="ckpt", device="cpu"):
         raise SystemExit(f"no checkpoint at {path}. Run directories here: {', '.join(runs) or 'none'} "
                          f"(train one with: python train.py config/default.py)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # data only: no code runs
         config = GPTConfig(**ckpt["model_config"])
         meta = ckpt["meta"]
     except Exception as e:

@@ -1,16 +1,22 @@
 """
 Multi-stage training, on one CPU, one GPU, or many GPUs and nodes with DDP.
 
-    python train.py                                   # the default 3-stage CPU run (config/default.py)
+    python train.py config/default.py                 # the three-stage CPU run of the quickstart
     python train.py config/shakespeare_char.py --compile=False
+    python train.py --help                            # every setting, with its default and meaning
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_endpoint=HOST:29500 train.py config/...
+
+(Plain `python train.py` runs TrainConfig's defaults: one short stage on shakespeare_char.)
 
 A run is a list of stages (Yi-Lightning trains this way): each stage has its own data mixture, budget,
 sequence length, batch, learning-rate phase, RoPE base and router settings. The learning rate is continuous
 across stage boundaries unless a stage sets its own start. Checkpoints (out_dir/ckpt.pt, and best.pt for the
 lowest mean val loss) are written atomically and carry everything needed to resume exactly: a killed run
 started again with the same command continues where it stopped.
+
+Read top to bottom: the settings, the schedule, checkpoints, evaluation, then the Trainer, whose run()
+reads like the story of a run: for each stage, begin it, then train steps, logging, evaluating and saving.
 """
 
 import dataclasses
@@ -31,43 +37,51 @@ from tqdm import tqdm
 
 import cli
 from data.corpus import MixtureLoader, Tokenizer, corpus_dir, mixture_tokenizer
-from model import GPT, GPTConfig, PRESETS
-from router import ROUTER_SETTINGS
+from model import GPT, GPTConfig, PRESETS, make_config
+from router import RouterConfig
 
 
 @dataclass
 class Stage:
-    name: str
+    name: str                            # shown in logs and errors
     mixture: dict                        # corpus -> weight, e.g. {"shakespeare": 0.7, "code": 0.3}
     steps: Optional[int] = None          # budget in optimizer steps ...
     tokens: Optional[int] = None         # ... or in tokens (all ranks together); exactly one of the two
-    seq_len: int = 128
+    seq_len: int = 128                   # tokens per training sequence
     batch_size: int = 8                  # sequences per micro-step per rank
     grad_accum: int = 1                  # micro-steps per optimizer step per rank
-    warmup: int = 0                      # steps of linear warmup from 0 at the stage start
+    warmup: int = 0                      # steps of linear warmup from 0 at the stage start (< the stage's steps)
     lr_start: Optional[float] = None     # fraction of peak lr after warmup; None: where the previous stage ended
-    lr_end: Optional[float] = None       # fraction of peak lr at the stage end; None: same as lr_start
+    lr_end: Optional[float] = None       # fraction of peak lr at the stage's last step; None: same as lr_start
     decay: str = "linear"                # shape from lr_start to lr_end: "linear" or "cosine"
     rope_base: Optional[float] = None    # None: keep the current base
-    router: dict = field(default_factory=dict)  # e.g. {"top_p": 0.5, "entropy_loss": 1e-4}
+    router: dict = field(default_factory=dict)  # router settings changed from here on, e.g. {"top_p": 0.5}
 
     def __post_init__(self):
         def need(ok, message):
             if not ok:
                 raise ValueError(f"stage {self.name!r}: {message}")
+        need(isinstance(self.name, str) and self.name, "a stage needs a name (a non-empty string)")
         need(isinstance(self.mixture, dict) and self.mixture, "mixture must name at least one corpus")
         for corpus, weight in self.mixture.items():
             need(isinstance(weight, (int, float)) and weight > 0, f"weight of {corpus!r} must be > 0; got {weight!r}")
         need((self.steps is None) != (self.tokens is None), "give exactly one budget: steps or tokens")
+        for name in ("steps", "tokens", "seq_len", "batch_size", "grad_accum", "warmup"):
+            value = getattr(self, name)
+            need(value is None or isinstance(value, int) and not isinstance(value, bool),
+                 f"{name} must be a whole number; got {value!r}")
         need((self.steps or self.tokens) >= 1, "the budget must be >= 1")
         for name in ("seq_len", "batch_size", "grad_accum"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
         need(self.warmup >= 0, f"warmup must be >= 0; got {self.warmup}")
+        need(self.steps is None or self.warmup < self.steps,
+             f"warmup ({self.warmup}) must be shorter than the stage ({self.steps} steps)")
         for name in ("lr_start", "lr_end"):
             value = getattr(self, name)
             need(value is None or value >= 0, f"{name} must be >= 0; got {value}")
         need(self.decay in ("linear", "cosine"), f"decay must be 'linear' or 'cosine'; got {self.decay!r}")
         need(self.rope_base is None or self.rope_base > 1, f"rope_base must be > 1; got {self.rope_base}")
+        need(isinstance(self.router, dict), f"router must be a dict of router settings; got {self.router!r}")
 
     def num_steps(self, world_size):
         if self.steps is not None:
@@ -77,68 +91,90 @@ class Stage:
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "out/default"
-    stages: list = field(default_factory=lambda: [
+    out_dir: str = "out/default"         # checkpoints, metrics.jsonl and plots go here
+    stages: list = field(default_factory=lambda: [  # the run: a list of dicts of Stage settings (see below)
         {"name": "main", "mixture": {"shakespeare_char": 1.0}, "steps": 200, "warmup": 20, "lr_end": 0.1}])
-    preset: Optional[str] = None         # a model shape from model.PRESETS; model fields set here override it
+    preset: Optional[str] = None         # a model shape from model.PRESETS; model settings given here override it
     lr: float = 1e-3                     # peak learning rate
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0               # 0 disables
+    weight_decay: float = 0.1            # AdamW weight decay of the matrices
+    beta1: float = 0.9                   # AdamW beta1
+    beta2: float = 0.95                  # AdamW beta2
+    grad_clip: float = 1.0               # clip the gradient norm to this; 0 disables
     eval_interval: int = 100             # steps between evaluations (and at every stage end)
     eval_iters: int = 10                 # val batches per corpus
+    eval_seq_len: Optional[int] = None   # val sequence length, the same all run; None: the longest stage's
+    eval_batch_size: int = 8             # val sequences per batch, the same all run
     arith_problems: int = 100            # val problems for exact-match accuracy, when arith is in the run
-    log_interval: int = 10
+    log_interval: int = 10               # steps between log lines in metrics.jsonl
     ckpt_interval: int = 100             # steps between checkpoints (and at every stage end)
     resume: bool = True                  # continue from out_dir/ckpt.pt when it exists
-    seed: int = 1337
+    seed: int = 1337                     # seeds the model init, the data order and dropout
     device: str = "auto"                 # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"                  # "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float32"
-    compile: Optional[bool] = None       # None: on for CUDA, off for CPU
-    plots: bool = True
+    compile: Optional[bool] = None       # torch.compile the model; None: on for CUDA, off for CPU
+    plots: bool = True                   # write plots at the end of the run
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0; got {self.lr}")
-        for name in ("eval_interval", "eval_iters", "log_interval", "ckpt_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay and grad_clip must be >= 0")
-        if self.dtype not in ("auto", "bfloat16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16 or float32; got {self.dtype!r}")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
-        if not isinstance(self.stages, list) or not self.stages:
-            raise ValueError("stages must be a non-empty list of stage dicts")
+        def need(ok, message):
+            if not ok:
+                raise ValueError(message)
+        for name in ("lr", "weight_decay", "beta1", "beta2", "grad_clip"):
+            need(math.isfinite(getattr(self, name)), f"{name} must be a finite number; got {getattr(self, name)}")
+        need(self.lr > 0, f"lr must be > 0; got {self.lr}")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1); got "
+             f"{self.beta1}, {self.beta2}")
+        for name in ("eval_interval", "eval_iters", "eval_batch_size", "log_interval", "ckpt_interval"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
+        need(self.eval_seq_len is None or self.eval_seq_len >= 1, f"eval_seq_len must be >= 1; got {self.eval_seq_len}")
+        need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
+        need(self.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32; got {self.dtype!r}")
+        need(self.preset is None or self.preset in PRESETS, f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        need(isinstance(self.stages, list) and self.stages, "stages must be a non-empty list of stage dicts")
         known = {f.name for f in dataclasses.fields(Stage)}
         for i, stage in enumerate(self.stages):
-            if isinstance(stage, dict) and set(stage) - known:
-                raise ValueError(f"stage {i}: unknown key(s) {sorted(set(stage) - known)}; known: {sorted(known)}")
+            need(isinstance(stage, (dict, Stage)), f"stage {i} must be a dict of stage settings; got {stage!r}")
+            need(isinstance(stage, Stage) or not set(stage) - known,
+                 f"stage {i}: unknown key(s) {sorted(set(stage) - known)}; known: {sorted(known)}")
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
+        if self.eval_seq_len is None:
+            self.eval_seq_len = max(s.seq_len for s in self.stages)
+
+
+def stage_router(router, stage, n_experts):
+    """The router settings in force during `stage`: `router` (those before it) with the stage's changes."""
+    try:
+        return router.updated(n_experts, **stage.router)
+    except ValueError as e:
+        raise cli.ConfigError(f"stage {stage.name!r}: {e}") from None
 
 
 def load_config(argv):
-    """TrainConfig and GPTConfig from [config.py] [--key=value ...]; vocab_size comes from the data."""
-    settings = cli.parse(argv, TrainConfig, GPTConfig)
+    """TrainConfig and GPTConfig from [config.py] [--key=value ...]; vocab_size comes from the data. Every
+    stage is checked here, before anything runs: a bad value in the last stage stops the run at once."""
+    settings = cli.parse(argv, TrainConfig, GPTConfig, RouterConfig, nested=(Stage,))
     train_cfg = cli.build(TrainConfig, settings)
-    corpora = [c for s in train_cfg.stages for c in s.mixture]
-    meta = mixture_tokenizer(dict.fromkeys(corpora))
-    model_settings = {**PRESETS.get(train_cfg.preset, {}), **settings}
+    meta = mixture_tokenizer(list(dict.fromkeys(c for s in train_cfg.stages for c in s.mixture)))
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_settings = {**PRESETS.get(train_cfg.preset, {}), **{k: v for k, v in settings.items() if k not in train_names}}
     model_settings.setdefault("vocab_size", 64 * math.ceil(meta["vocab_size"] / 64))  # pad: faster matmuls
     if model_settings["vocab_size"] < meta["vocab_size"]:
         raise cli.ConfigError(f"vocab_size {model_settings['vocab_size']} is smaller than the data's "
                               f"{meta['vocab_size']}")
-    model_cfg = cli.build(GPTConfig, model_settings)
+    try:
+        model_cfg = make_config(model_settings)
+    except ValueError as e:
+        raise cli.ConfigError(str(e)) from None
+    router, world_size = model_cfg.router, int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE
     for stage in train_cfg.stages:
+        if stage.warmup >= stage.num_steps(world_size):
+            raise cli.ConfigError(f"stage {stage.name!r}: warmup ({stage.warmup}) must be shorter than the stage "
+                                  f"({stage.num_steps(world_size)} steps at world size {world_size})")
         if stage.seq_len > model_cfg.block_size:
             raise cli.ConfigError(f"stage {stage.name!r}: seq_len {stage.seq_len} exceeds block_size "
                                   f"{model_cfg.block_size}")
-        for key in stage.router:
-            if key not in ROUTER_SETTINGS:
-                raise cli.ConfigError(f"stage {stage.name!r}: unknown router setting {key!r}; known: "
-                                      f"{', '.join(sorted(ROUTER_SETTINGS))}")
+        router = stage_router(router, stage, model_cfg.n_experts)
+    if train_cfg.eval_seq_len > model_cfg.block_size:
+        raise cli.ConfigError(f"eval_seq_len {train_cfg.eval_seq_len} exceeds block_size {model_cfg.block_size}")
     return train_cfg, model_cfg, meta
 
 
@@ -155,18 +191,25 @@ def stage_lr_range(stages, s):
 
 
 def lr_at(stages, s, step, world_size=1):
-    """Fraction of peak lr at optimizer step `step` (0-based) of stage s."""
+    """Fraction of peak lr at optimizer step `step` (0-based) of stage s. Warmup climbs from 0 and reaches
+    `start` on its last step; from there the decay moves to `end`, which the stage's last step reaches. With
+    no warmup the decay starts from `start` just before step 0, so a stage continues its predecessor
+    without repeating its last value."""
     stage, (start, end) = stages[s], stage_lr_range(stages, s)
     if step < stage.warmup:
         return start * (step + 1) / stage.warmup
-    n = stage.num_steps(world_size) - stage.warmup
-    t = (step - stage.warmup) / max(1, n - 1)
+    t = (step - stage.warmup + 1) / (stage.num_steps(world_size) - stage.warmup)
     shape = t if stage.decay == "linear" else 0.5 * (1 - math.cos(math.pi * t))
     return start + (end - start) * shape
 
 
 # -----------------------------------------------------------------------------------------------------
 # Checkpoints: atomic writes, exact resume, clear errors
+
+# Settings that change neither the math nor the evaluation: a resumed run may change these freely.
+FREE_TO_CHANGE = {"out_dir", "eval_interval", "arith_problems", "log_interval", "ckpt_interval", "resume",
+                  "plots", "device", "compile"}
+
 
 def save_atomic(obj, path):
     tmp = path + ".tmp"
@@ -175,22 +218,22 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path, model_cfg, train_cfg, world_size):
+    """The checkpoint at path if it continues this run, else SystemExit naming every difference. Loaded with
+    weights_only=True: a checkpoint from someone else's fork holds data, and cannot run code."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"cannot read checkpoint {path} ({type(e).__name__}: {e}). It is corrupt or not a "
-                         f"checkpoint: move it away to start over, or restore a copy (best.pt is kept beside it)")
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise SystemExit(f"{path} is not a checkpoint written by train.py")
-    mismatched = [f"{k}: checkpoint {v!r}, config {getattr(model_cfg, k)!r}"
-                  for k, v in ckpt["model_config"].items() if getattr(model_cfg, k, None) != v]
-    if ckpt["stages"] != [dataclasses.asdict(s) for s in train_cfg.stages]:
-        mismatched.append("stages differ")
-    if ckpt["world_size"] != world_size:
-        mismatched.append(f"world size: checkpoint {ckpt['world_size']}, now {world_size}")
-    if mismatched:
-        raise SystemExit(f"checkpoint {path} does not match this config:\n  " + "\n  ".join(mismatched) +
-                         "\nResume with the config it was written with, or use another --out_dir.")
+        raise SystemExit(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:300]}). It is corrupt, "
+                         f"not a checkpoint, or not one train.py writes: move it away to start over")
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
+        raise SystemExit(f"{path} is not a resumable checkpoint written by train.py")
+    now = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg), "world_size": world_size}
+    then = {**ckpt["model_config"], **ckpt["train_config"], "world_size": ckpt["world_size"]}
+    differ = [f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(now) | set(then))
+              if k not in FREE_TO_CHANGE and now.get(k) != then.get(k)]
+    if differ:
+        raise SystemExit(f"checkpoint {path} was written by a different run:\n  " + "\n  ".join(differ) +
+                         "\nResume with the settings it was written with, or use another --out_dir.")
     return ckpt
 
 
@@ -199,8 +242,9 @@ def load_checkpoint(path, model_cfg, train_cfg, world_size):
 
 @torch.no_grad()
 def evaluate(model, corpora, seq_len, batch_size, iters, autocast):
-    """Mean val cross-entropy per corpus on fixed batches (the same at every evaluation)."""
+    """Mean val cross-entropy per corpus on fixed batches: the same at every evaluation of a run."""
     model.eval()
+    device = model.wte.weight.device
     losses = {}
     for name in corpora:
         loader = MixtureLoader({name: 1.0}, seq_len, batch_size, split="val", seed=0)
@@ -208,8 +252,8 @@ def evaluate(model, corpora, seq_len, batch_size, iters, autocast):
         for _ in range(iters):
             x, y, _ = loader.next_batch()
             with autocast:
-                model(x.to(model.wte.weight.device), y.to(model.wte.weight.device))
-            total += model.last["ce"].item()
+                _, _, parts = model(x.to(device), y.to(device), parts=True)
+            total += parts.ce.item()
         losses[name] = total / iters
     model.train()
     return losses
@@ -239,237 +283,305 @@ def arith_accuracy(model, tokenizer, n_problems, autocast):
     return acc
 
 
-def flops_per_token(model_cfg, raw_model, seq_len):
+# -----------------------------------------------------------------------------------------------------
+# Throughput: FLOPs per token from the routing actually measured, and the GPU's peak
+
+def flops_per_token(model_cfg, active_params, seq_len):
     """Training FLOPs per token (forward + backward): 6 per active parameter plus the attention scores,
-    12 * n_embd * (keys attended) per layer (nanoGPT's estimate, with a window's keys for local layers)."""
+    12 * n_embd * (keys attended) per layer (nanoGPT's estimate, with a window's keys for local layers).
+    active_params: GPT.num_params(active=True, experts_per_token=<measured>)."""
     keys = [min(model_cfg.window, seq_len) if kind == "L" else seq_len for kind in model_cfg.layout()]
-    return 6 * raw_model.num_params(active=True) + sum(12 * model_cfg.n_embd * k for k in keys)
+    return 6 * active_params + sum(12 * model_cfg.n_embd * k for k in keys)
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (the sparsity figures halved), keyed by the words
+# of torch.cuda.get_device_name(). The longest key whose words all appear in the name wins, so an "H100 NVL"
+# is not taken for an SXM H100 and an "A10G" or "L40S" is not taken for an "A10" or "L40".
+PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device_name):
+    words = device_name.split()
+    keys = [k for k in PEAK_BF16_FLOPS if all(w in words for w in k.split())]
+    return PEAK_BF16_FLOPS[max(keys, key=len)] if keys else None
+
+
+def mfu(flops_token, tokens_per_s, peak, world_size=1):
+    """Model FLOPs utilisation: the share of the GPUs' peak that the model's useful FLOPs reach."""
+    return flops_token * tokens_per_s / (peak * world_size) if peak else None
 
 
 # -----------------------------------------------------------------------------------------------------
+# A step's numbers, kept as tensors until a log line needs them (reading a GPU tensor waits for the GPU)
+
+def step_stats(loss, parts):
+    routing = parts.routing
+    return {"loss": loss.detach().float(), "ce": parts.ce.detach().float(), "aux": parts.aux.detach().float(),
+            "experts_per_token": torch.stack([r.experts_per_token.float().mean() for r in routing])
+            if routing else loss.new_zeros(0),
+            "tokens_per_expert": torch.stack([r.tokens_per_expert.float() for r in routing])
+            if routing else loss.new_zeros(0, 0)}
+
+
+def flatten(stats):
+    return torch.cat([v.flatten() for v in stats.values()])
+
+
+def unflatten(flat, like):
+    return {k: v.view_as(like[k]) for k, v in zip(like, flat.split([t.numel() for t in like.values()]))}
+
+
+# -----------------------------------------------------------------------------------------------------
+
+class Trainer:
+    """One run: where it runs (device, ranks), its model and optimizer, and its state (stage, step within
+    it, tokens seen, best val loss), which is all a checkpoint needs besides the weights."""
+
+    def __init__(self, cfg, model_cfg, meta):
+        self.cfg, self.model_cfg, self.meta = cfg, model_cfg, meta
+        self.setup_device()
+        torch.manual_seed(cfg.seed + self.rank)
+        self.stage_steps = [s.num_steps(self.world_size) for s in cfg.stages]
+        self.corpora = list(dict.fromkeys(c for s in cfg.stages for c in s.mixture))
+        self.tokenizer = Tokenizer(meta)
+        self.raw_model = GPT(model_cfg, verbose=self.master).to(self.device)
+        self.moes = self.raw_model.moe_layers()
+        self.optimizer = self.raw_model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
+                                                            self.device_type)
+        self.ckpt_path, self.best_path, self.metrics_path = (os.path.join(cfg.out_dir, name) for name in
+                                                             ("ckpt.pt", "best.pt", "metrics.jsonl"))
+        self.state, self.loader_state = self.restore()
+        self.prepare_out_dir(resumed=self.loader_state is not None)
+        self.model = self.raw_model
+        if cfg.compile if cfg.compile is not None else self.device_type == "cuda":
+            self.model = torch.compile(self.model)
+        if self.ddp:
+            self.model = DDP(self.model, device_ids=[torch.cuda.current_device()] if self.device_type == "cuda" else None)
+        self.stop_signal = None
+        signal.signal(signal.SIGINT, self.on_signal)
+        signal.signal(signal.SIGTERM, self.on_signal)
+
+    def setup_device(self):
+        """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is a single process."""
+        cfg = self.cfg
+        self.ddp = "RANK" in os.environ
+        if self.ddp:
+            use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+            self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu"
+        else:
+            self.rank, self.world_size = 0, 1
+            self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        self.master = self.rank == 0
+        self.device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        self.peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device_type == "cuda" else None
+        if self.device_type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device_type == "cuda" else "float32")
+        self.autocast = (torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
+                         if dtype == "bfloat16" else nullcontext())
+
+    def restore(self):
+        """(state, loader state): a fresh run's, or the checkpoint's, whose weights, optimizer and RNG are
+        loaded here. The model's router settings and RoPE base travel inside its state dict."""
+        fresh = {"stage": 0, "step": 0, "global_step": 0, "tokens": 0, "best_val": None}
+        if not (self.cfg.resume and os.path.exists(self.ckpt_path)):
+            return fresh, None
+        ckpt = load_checkpoint(self.ckpt_path, self.model_cfg, self.cfg, self.world_size)
+        self.raw_model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        rng = ckpt["rng"][self.rank]
+        torch.set_rng_state(rng["cpu"])
+        if self.device_type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
+        if self.master:
+            print(f"resuming {self.ckpt_path}: stage {ckpt['state']['stage']} step {ckpt['state']['step']}")
+        return dict(ckpt["state"]), ckpt["loader"]
+
+    def prepare_out_dir(self, resumed):
+        if not self.master:
+            return
+        os.makedirs(self.cfg.out_dir, exist_ok=True)
+        if not resumed:
+            open(self.metrics_path, "w").close()
+            return
+        with open(self.metrics_path) as f:  # what the stopped run logged after its last checkpoint runs again
+            kept = [line for line in f if json.loads(line)["step"] <= self.state["global_step"]]
+        with open(self.metrics_path, "w") as f:
+            f.writelines(kept)
+
+    def on_signal(self, signum, frame):
+        self.stop_signal = signum
+
+    # -------------------------------------------------------------------------------------------------
+    def run(self):
+        """For each stage: begin it, then train step by step, logging, evaluating and saving as it goes."""
+        cfg, state = self.cfg, self.state
+        self.bar = tqdm(total=sum(self.stage_steps), initial=sum(self.stage_steps[:state["stage"]]) + state["step"],
+                        disable=not self.master, dynamic_ncols=True)
+        self.t_last, self.tokens_last = time.time(), state["tokens"]
+        for s in range(state["stage"], len(cfg.stages)):
+            stage = cfg.stages[s]
+            loader = self.begin_stage(s)
+            for step in range(state["step"], self.stage_steps[s]):
+                lr = cfg.lr * lr_at(cfg.stages, s, step, self.world_size)
+                stats = self.train_step(loader, stage, lr)
+                state["step"] += 1
+                state["global_step"] += 1
+                state["tokens"] += stage.batch_size * stage.seq_len * stage.grad_accum * self.world_size
+                stage_done = state["step"] == self.stage_steps[s]
+                if state["step"] % cfg.log_interval == 0 or stage_done:
+                    self.log_train(s, stage, lr, stats)
+                self.bar.update(1)
+                if self.master and (state["step"] % cfg.eval_interval == 0 or stage_done):
+                    self.evaluate(s, stage)
+                if stage_done:  # record in the checkpoint that the next stage starts fresh
+                    state.update(stage=s + 1, step=0)
+                stopping = self.stop_requested()
+                if stage_done or state["step"] % cfg.ckpt_interval == 0 or stopping:
+                    self.save_checkpoint(loader)
+                if stopping:
+                    return self.finish(f"stopped by signal at global step {state['global_step']}; checkpoint "
+                                       f"saved to {self.ckpt_path}. Run the same command again to resume.")
+        return self.finish(f"run complete: {state['global_step']} steps, {state['tokens']:,} tokens. "
+                           f"Checkpoint: {self.ckpt_path}", plots=cfg.plots)
+
+    def begin_stage(self, s):
+        """The stage's loader. At its first step, the stage's router settings and RoPE base take effect;
+        resuming mid-stage, the checkpoint's stand (the sparsity controller may have moved top_p since)."""
+        stage = self.cfg.stages[s]
+        loader = MixtureLoader(stage.mixture, stage.seq_len, stage.batch_size, seed=self.cfg.seed, rank=self.rank,
+                               world_size=self.world_size, stream=s)
+        if self.state["step"] > 0:  # (a checkpoint at a stage boundary holds the previous stage's stream)
+            loader.load_state_dict(self.loader_state)
+            return loader
+        for moe in self.moes:
+            moe.config = stage_router(moe.config, stage, moe.n_experts)
+        if stage.rope_base is not None:
+            self.raw_model.rope_base = stage.rope_base
+        return loader
+
+    def train_step(self, loader, stage, lr):
+        """One optimizer step over grad_accum micro-steps (DDP syncs gradients on the last one only).
+        Returns the step's numbers, averaged over micro-steps and ranks, as tensors."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = None
+        for micro in range(stage.grad_accum):
+            x, y, _ = loader.next_batch()
+            x, y = x.to(self.device), y.to(self.device)
+            if self.ddp:
+                self.model.require_backward_grad_sync = micro == stage.grad_accum - 1
+            with self.autocast:
+                _, loss, parts = self.model(x, y, parts=True)
+            (loss / stage.grad_accum).backward()
+            stats = step_stats(loss, parts)
+            total = stats if total is None else {k: total[k] + v for k, v in stats.items()}
+        stats = {k: v / stage.grad_accum for k, v in total.items()}
+        if self.ddp:
+            flat = flatten(stats)
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+            stats = unflatten(flat, stats)
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
+                                                            self.cfg.grad_clip or float("inf"))
+        if not torch.isfinite(stats["loss"] + stats["grad_norm"]).item():
+            self.bar.close()
+            raise SystemExit(f"non-finite loss ({stats['loss'].item()}) or gradient norm ({stats['grad_norm'].item()}) "
+                             f"at stage {self.state['stage']} ({stage.name!r}) step {self.state['step']} (global step "
+                             f"{self.state['global_step']}); stopping without saving. The last good checkpoint is "
+                             f"{self.ckpt_path}.")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if any(m.controls_p() for m in self.moes):  # the controller needs the numbers now: one read per step
+            for moe, k in zip(self.moes, stats["experts_per_token"].tolist()):
+                moe.adjust_p(k)
+        return stats
+
+    def log_train(self, s, stage, lr, stats):
+        now, state = time.time(), self.state
+        tok_s = (state["tokens"] - self.tokens_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.tokens_last = now, state["tokens"]
+        v = {k: t.tolist() for k, t in unflatten(flatten(stats).cpu(), stats).items()}  # one read of the GPU
+        experts = v["experts_per_token"]
+        active = self.raw_model.num_params(active=True, experts_per_token=experts)
+        util = mfu(flops_per_token(self.model_cfg, active, stage.seq_len), tok_s, self.peak, self.world_size)
+        self.log({"kind": "train", "step": state["global_step"], "tokens": state["tokens"], "stage": s,
+                  "stage_step": state["step"] - 1, "lr": lr, "loss": v["loss"], "ce": v["ce"], "aux": v["aux"],
+                  "grad_norm": v["grad_norm"], "tok_s": tok_s, "mfu": util, "active_params": active,
+                  "seq_len": stage.seq_len, "batch_size": stage.batch_size, "mixture": stage.mixture,
+                  "rope_base": self.raw_model.rope_base, "top_p": [m.config.top_p for m in self.moes],
+                  "routing": [m.config.routing for m in self.moes], "experts_per_token": experts,
+                  "tokens_per_expert": v["tokens_per_expert"]})
+        postfix = {"stage": s, "loss": f"{v['ce']:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
+        if experts:
+            postfix["k"] = f"{sum(experts) / len(experts):.2f}"
+        if util is not None:
+            postfix["mfu"] = f"{100 * util:.1f}%"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def log(self, record):
+        if self.master:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate(self, s, stage):
+        """Val loss per corpus (and arithmetic accuracy), logged; best.pt keeps the lowest mean val loss."""
+        cfg, state = self.cfg, self.state
+        val = evaluate(self.raw_model, self.corpora, cfg.eval_seq_len, cfg.eval_batch_size, cfg.eval_iters,
+                       self.autocast)
+        record = {"kind": "eval", "step": state["global_step"], "tokens": state["tokens"], "stage": s, "val": val}
+        if "arith" in self.corpora and cfg.arith_problems > 0 and self.tokenizer.eot is not None:
+            record["arith_accuracy"] = arith_accuracy(self.raw_model, self.tokenizer, cfg.arith_problems, self.autocast)
+        self.log(record)
+        tqdm.write(f"step {state['global_step']} stage {s} ({stage.name}): val " +
+                   ", ".join(f"{k} {v:.3f}" for k, v in val.items()) +
+                   (f", arith acc {record['arith_accuracy']['all']:.2f}" if "arith_accuracy" in record else ""))
+        mean_val = sum(val.values()) / len(val)
+        if state["best_val"] is None or mean_val < state["best_val"]:
+            state["best_val"] = mean_val
+            save_atomic({"model": self.raw_model.state_dict(), "model_config": dataclasses.asdict(self.model_cfg),
+                         "meta": self.meta, "state": dict(state)}, self.best_path)
+
+    def stop_requested(self):
+        """Whether any rank got SIGINT/SIGTERM: all ranks must stop at the same step."""
+        stopping = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        if self.ddp:
+            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+        return bool(stopping.item())
+
+    def save_checkpoint(self, loader):
+        # The loader's stream is the same on every rank; the torch RNG is not, so gather it from each rank.
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if self.device_type == "cuda" else None}
+        rngs = [rng] * self.world_size
+        if self.ddp:
+            dist.all_gather_object(rngs, rng)
+        if self.master:
+            save_atomic({"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "model_config": dataclasses.asdict(self.model_cfg),
+                         "train_config": dataclasses.asdict(self.cfg), "meta": self.meta, "state": dict(self.state),
+                         "loader": loader.state_dict(), "rng": rngs, "world_size": self.world_size}, self.ckpt_path)
+
+    def finish(self, message, plots=False):
+        self.bar.close()
+        if self.master:
+            print(message)
+            if plots:
+                import plot
+                plot.plot_run(self.cfg.out_dir)
+        if self.ddp:
+            dist.destroy_process_group()
+
 
 def main(argv):
     try:
         cfg, model_cfg, meta = load_config(argv)
     except (cli.ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"config error: {e}")
-
-    # Distributed setup: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE.
-    ddp = "RANK" in os.environ
-    if ddp:
-        use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu"
-    else:
-        rank, world_size = 0, 1
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    master = rank == 0
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
-    autocast = (torch.autocast(device_type=device_type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else nullcontext())
-    torch.manual_seed(cfg.seed + rank)
-    stages = cfg.stages
-    stage_steps = [s.num_steps(world_size) for s in stages]
-    corpora = list(dict.fromkeys(c for s in stages for c in s.mixture))
-
-    # Model, optimizer, and the run's state (or the checkpoint's).
-    model = GPT(model_cfg, verbose=master).to(device)
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device_type)
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    ckpt = None
-    if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, model_cfg, cfg, world_size)
-    state = dict(ckpt["state"]) if ckpt else {"stage": 0, "step": 0, "global_step": 0, "tokens": 0, "best_val": None}
-    resume_stage = state["stage"] if ckpt else None
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if ckpt is None:
-            open(metrics_path, "w").close()
-        else:  # drop what the stopped run logged after its last checkpoint: those steps run again
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= state["global_step"]]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
-            print(f"resuming {ckpt_path}: stage {state['stage']} step {state['step']}")
-    raw_model = model
-    if cfg.compile if cfg.compile is not None else device_type == "cuda":
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
-    tokenizer = Tokenizer(meta)
-
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    def log(record):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def checkpoint(loader):
-        # The loader's stream is the same on every rank; the torch RNG is not, so gather it from each rank.
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
-        rngs = [None] * world_size
-        if ddp:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs[0] = rng
-        if master:
-            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
-                         "stages": [dataclasses.asdict(s) for s in stages], "meta": meta,
-                         "state": dict(state), "loader": loader.state_dict(), "rng": rngs,
-                         "world_size": world_size}, ckpt_path)
-
-    def run_eval(stage):
-        val = evaluate(raw_model, corpora, stage.seq_len, stage.batch_size, cfg.eval_iters, autocast)
-        record = {"kind": "eval", "step": state["global_step"], "tokens": state["tokens"],
-                  "stage": state["stage"], "val": val}
-        if "arith" in corpora and cfg.arith_problems > 0 and tokenizer.eot is not None:
-            record["arith_accuracy"] = arith_accuracy(raw_model, tokenizer, cfg.arith_problems, autocast)
-        log(record)
-        return record
-
-    moes = raw_model.moe_layers()
-    n_moe = len(moes)
-    total_steps = sum(stage_steps)
-    bar = tqdm(total=total_steps, initial=sum(stage_steps[:state["stage"]]) + state["step"], disable=not master,
-               dynamic_ncols=True)
-    t_last, tokens_last = time.time(), state["tokens"]
-    for s in range(state["stage"], len(stages)):
-        stage = stages[s]
-        loader = MixtureLoader(stage.mixture, stage.seq_len, stage.batch_size, seed=cfg.seed, rank=rank,
-                               world_size=world_size, stream=s)
-        if s == resume_stage:  # resuming inside this stage
-            raw_model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if device_type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-            if state["step"] > 0:  # (a checkpoint at a stage boundary holds the previous stage's stream)
-                loader.load_state_dict(ckpt["loader"])
-        # The stage's router settings and RoPE base. Mid-stage (a resume) the checkpoint's top_p and RoPE
-        # base stand: the sparsity controller may have moved p since the stage began.
-        router = dict(stage.router)
-        if state["step"] > 0:
-            router.pop("top_p", None)
-        elif stage.rope_base is not None:
-            raw_model.rope_base = stage.rope_base
-        for moe in moes:
-            moe.configure(**router)
-        tokens_per_step = stage.batch_size * stage.seq_len * stage.grad_accum * world_size
-        flops = flops_per_token(model_cfg, raw_model, stage.seq_len)
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device_type == "cuda" and
-                     k in torch.cuda.get_device_name()), None)
-
-        while state["step"] < stage_steps[s]:
-            step = state["step"]
-            lr = cfg.lr * lr_at(stages, s, step, world_size)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            # Forward/backward over the micro-steps; DDP syncs gradients on the last one only.
-            sums = torch.zeros(3 + n_moe * (1 + model_cfg.n_experts), device=device)
-            for micro in range(stage.grad_accum):
-                x, y, _ = loader.next_batch()
-                x, y = x.to(device), y.to(device)
-                if ddp:
-                    model.require_backward_grad_sync = micro == stage.grad_accum - 1
-                with autocast:
-                    _, loss = model(x, y)
-                (loss / stage.grad_accum).backward()
-                stats = [m.stats for m in moes]  # computed on each read: read once per layer
-                sums += torch.cat([torch.stack([loss.detach(), raw_model.last["ce"], raw_model.last["aux"]])] +
-                                  [st["experts_per_token"].view(1) for st in stats] +
-                                  [st["tokens_per_expert"].float() for st in stats]).float()
-            sums /= stage.grad_accum
-            if ddp:
-                dist.all_reduce(sums, op=dist.ReduceOp.AVG)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            if not (math.isfinite(sums[0].item()) and math.isfinite(grad_norm.item())):
-                bar.close()
-                raise SystemExit(f"non-finite loss ({sums[0].item()}) or gradient norm ({grad_norm.item()}) at "
-                                 f"stage {s} ({stage.name!r}) step {step} (global step {state['global_step']}); "
-                                 f"stopping without saving. The last good checkpoint is {ckpt_path}.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            experts = sums[3:3 + n_moe].tolist()
-            for moe, k in zip(moes, experts):
-                moe.adjust_p(k)
-            state["step"] += 1
-            state["global_step"] += 1
-            state["tokens"] += tokens_per_step
-
-            if state["step"] % cfg.log_interval == 0 or state["step"] == stage_steps[s]:
-                dt = time.time() - t_last
-                tok_s = (state["tokens"] - tokens_last) / max(dt, 1e-9)
-                t_last, tokens_last = time.time(), state["tokens"]
-                mfu = flops * tok_s / (peak * world_size) if peak else None
-                loss_v, ce_v, aux_v = sums[:3].tolist()
-                log({"kind": "train", "step": state["global_step"], "tokens": state["tokens"], "stage": s,
-                     "stage_step": step, "lr": lr, "loss": loss_v, "ce": ce_v, "aux": aux_v, "tok_s": tok_s,
-                     "mfu": mfu, "seq_len": stage.seq_len, "batch_size": stage.batch_size,
-                     "mixture": stage.mixture, "rope_base": raw_model.rope_base,
-                     "top_p": [m.top_p for m in moes],
-                     "routing": [m.routing for m in moes], "experts_per_token": experts,
-                     "tokens_per_expert": sums[3 + n_moe:].view(n_moe, -1).tolist()})
-                postfix = {"stage": s, "loss": f"{ce_v:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
-                if experts:
-                    postfix["k"] = f"{sum(experts) / len(experts):.2f}"
-                if mfu is not None:
-                    postfix["mfu"] = f"{100 * mfu:.1f}%"
-                bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-
-            stage_done = state["step"] == stage_steps[s]
-            if master and (state["step"] % cfg.eval_interval == 0 or stage_done):
-                record = run_eval(stage)
-                mean_val = sum(record["val"].values()) / len(record["val"])
-                tqdm.write(f"step {state['global_step']} stage {s} ({stage.name}): val " +
-                           ", ".join(f"{k} {v:.3f}" for k, v in record["val"].items()) +
-                           (f", arith acc {record['arith_accuracy']['all']:.2f}" if "arith_accuracy" in record else ""))
-                if state["best_val"] is None or mean_val < state["best_val"]:
-                    state["best_val"] = mean_val
-                    save_atomic({"model": raw_model.state_dict(), "model_config": dataclasses.asdict(model_cfg),
-                                 "meta": meta, "state": dict(state)}, best_path)
-            if stage_done:  # record in the checkpoint that the next stage starts fresh
-                state.update(stage=s + 1, step=0)
-            stopping = torch.tensor(float(stop["signal"] is not None), device=device)
-            if ddp:
-                dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-            if stage_done or state["step"] % cfg.ckpt_interval == 0 or stopping.item():
-                checkpoint(loader)
-            if stopping.item():
-                bar.close()
-                if master:
-                    print(f"stopped by signal at global step {state['global_step']}; checkpoint saved to "
-                          f"{ckpt_path}. Run the same command again to resume.")
-                if ddp:
-                    dist.destroy_process_group()
-                return
-            if stage_done:
-                break
-    bar.close()
-    if master:
-        print(f"run complete: {state['global_step']} steps, {state['tokens']:,} tokens. Checkpoint: {ckpt_path}")
-        if cfg.plots:
-            import plot
-            plot.plot_run(cfg.out_dir)
-    if ddp:
-        dist.destroy_process_group()
+    Trainer(cfg, model_cfg, meta).run()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from attention import Attention, KVCache, apply_rope, causal_attention, rope_cache
+from attention import GLOBAL, LOCAL, SHARED, Attention, KVCache, apply_rope, causal_attention, rope_cache
 
 
 def reference(q, k, v, window):
@@ -120,18 +120,16 @@ def test_rope_is_a_relative_rotation():
 
 def make_stack(window):
     """local, global, sharing (reuses the global's K/V), local, global layers."""
-    kinds = [window, None, "shared", window, None]
-    layers = [Attention(32, 4, 2, window=k if k != "shared" and k is not None else None, share_kv=k == "shared")
-              for k in kinds]
-    return kinds, layers
+    kinds = [LOCAL, GLOBAL, SHARED, LOCAL, GLOBAL]
+    return kinds, [Attention(32, 4, 2, kind, window) for kind in kinds]
 
 
 def run_stack(layers, x, start, cache=None):
     cos, sin = rope_cache(torch.arange(start, start + x.shape[1]), 8)
     kv = None
     for i, layer in enumerate(layers):
-        y, layer_kv = layer(x, cos, sin, shared_kv=kv, cache=cache, layer=i)
-        if layer.window is None and not layer.share_kv:
+        y, layer_kv = layer(x, cos, sin, kv=kv, cache=cache, layer=i)
+        if layer.kind == GLOBAL:
             kv = layer_kv
         x = x + y
     if cache is not None:
@@ -152,7 +150,7 @@ def test_decoding_through_the_cache_matches_a_full_forward():
     kinds, layers = make_stack(window)
     x = torch.randn(2, 4 + 3 * window, 32)
     full = run_stack(layers, x, 0)
-    cache = KVCache(kinds, 2, 2, 8, max_len=x.shape[1])
+    cache = KVCache(kinds, window, 2, 2, 8, max_len=x.shape[1])
     prefill = run_stack(layers, x[:, :4], 0, cache)  # a prompt, then one token at a time
     steps = [run_stack(layers, x[:, t:t + 1], t, cache) for t in range(4, x.shape[1])]
     torch.testing.assert_close(torch.cat([prefill] + steps, dim=1), full, atol=1e-5, rtol=1e-5)
@@ -166,14 +164,14 @@ def test_chunked_decoding_matches_a_full_forward():
     kinds, layers = make_stack(4)
     x = torch.randn(1, 23, 32)
     full = run_stack(layers, x, 0)
-    cache = KVCache(kinds, 1, 2, 8, max_len=23)
+    cache = KVCache(kinds, 4, 1, 2, 8, max_len=23)
     out = [run_stack(layers, x[:, a:b], a, cache) for a, b in ((0, 3), (3, 10), (10, 11), (11, 23))]
     torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_cache_size_and_overflow():
     window, L, B, H, D = 16, 256, 2, 2, 8
-    cache = KVCache([window, window, window, None, window, window, window, "shared"], B, H, D, L)
+    cache = KVCache(list("LLLGLLLS"), window, B, H, D, L)
     per_position = 2 * B * H * D * 4  # K and V, fp32
     assert cache.nbytes() == per_position * (6 * window + 1 * L)
     cache.pos = L - 1

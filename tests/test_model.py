@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, PRESETS, preset
+from model import GPT, GPTConfig, PRESETS, make_config, preset
 
 SMALL = dict(vocab_size=101, block_size=64, n_layer=8, n_head=4, n_kv_head=2, n_embd=32, window=4,
-             attn_pattern="LLLG", kv_share=True, n_experts=6, n_shared=1, expert_hidden=16, mlp_hidden=48)
+             attn_pattern="LLLG", share_kv=True, n_experts=6, n_shared=1, expert_hidden=16, mlp_hidden=48)
 
 
 def test_layout():
@@ -36,10 +36,15 @@ def test_loss_at_init_is_log_vocab():
     config = GPTConfig(**{**SMALL, "vocab_size": 500})
     model = GPT(config, verbose=False)
     x, y = torch.randint(0, 500, (4, 32)), torch.randint(0, 500, (4, 32))
-    _, loss = model(x, y)
-    assert abs(model.last["ce"].item() - math.log(500)) < 0.1
-    assert loss.item() == pytest.approx(model.last["ce"].item() + model.last["aux"].item(), rel=1e-6)
-    assert model.last["token_loss"].shape == (4, 32)
+    logits, loss, parts = model(x, y, parts=True)
+    assert abs(parts.ce.item() - math.log(500)) < 0.1
+    assert loss.item() == pytest.approx(parts.ce.item() + parts.aux.item(), rel=1e-6)
+    # per-token losses: the cross-entropy of each position, computed here by hand
+    by_hand = -logits.log_softmax(-1).gather(-1, y[..., None])[..., 0]
+    torch.testing.assert_close(parts.token_loss, by_hand, atol=1e-5, rtol=1e-5)
+    assert len(parts.routing) == 7 and parts.routing[0].experts_per_token.shape == (4, 32)
+    # the two-value form stays for the plain call
+    assert torch.equal(model(x, y)[1], loss)
 
 
 def test_overfits_one_batch():
@@ -50,18 +55,18 @@ def test_overfits_one_batch():
     opt = model.configure_optimizer(0.0, 3e-3, (0.9, 0.95), "cpu")
     first = None
     for _ in range(200):
-        _, loss = model(x, y)
-        first = first or model.last["ce"].item()
+        _, loss, parts = model(x, y, parts=True)
+        first = first or parts.ce.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert model.last["ce"].item() < first / 2
+    assert parts.ce.item() < first / 2
 
 
 def test_active_parameter_count_by_hand():
-    c = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=8, window=4,
-                  attn_pattern="LG", n_experts=4, n_shared=1, expert_hidden=4, mlp_hidden=12,
-                  routing="top_k", top_k=2)
+    c = make_config(dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=8, window=4,
+                         attn_pattern="LG", n_experts=4, n_shared=1, expert_hidden=4, mlp_hidden=12,
+                         routing="top_k", top_k=2))
     model = GPT(c, verbose=False)
     d, hd = 8, 4
     emb = 50 * d                                           # tied with the output layer
@@ -73,13 +78,20 @@ def test_active_parameter_count_by_hand():
     assert model.num_params() == total
     assert model.num_params(active=True) == total - 4 * expert + 2 * expert
     assert model.num_params(active=True, experts_per_token=1.5) == round(total - 4 * expert + 1.5 * expert)
+    # The live routing counts, not the config's: a stage may switch a layer to top-p, whose count varies.
+    model.moe_layers()[0].config = c.router.updated(4, routing="top_p", top_p=0.5)
+    with pytest.raises(ValueError, match="measured experts_per_token"):
+        model.num_params(active=True)
+    assert model.num_params(active=True, experts_per_token=[3.0]) == total - 4 * expert + 3 * expert
+    model.moe_layers()[0].config = c.router.updated(4, top_k=3)
+    assert model.num_params(active=True) == total - 4 * expert + 3 * expert
 
 
 @pytest.mark.parametrize("change,message", [
     (dict(n_embd=30), "divisible by n_head"),
     (dict(n_kv_head=3), "multiple of n_kv_head"),
-    (dict(attn_pattern="LLLL", kv_share=True), "kv_share"),
-    (dict(n_layer=4, attn_pattern="LLLG", kv_share=True), "kv_share"),
+    (dict(attn_pattern="LLLL", share_kv=True), "share_kv"),
+    (dict(n_layer=4, attn_pattern="LLLG", share_kv=True), "share_kv"),
     (dict(window=0), "window"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.2), "top_p"),
@@ -88,10 +100,12 @@ def test_active_parameter_count_by_hand():
     (dict(min_k=3, max_k=2), "max_k"),
     (dict(routing="top_q"), "routing"),
     (dict(n_experts=6, n_expert_groups=4), "n_expert_groups"),
+    (dict(top_p="0.5"), "top_p must be float"),
+    (dict(target_experts=9), "target_experts"),
 ])
 def test_bad_configs(change, message):
     with pytest.raises(ValueError, match=message):
-        GPTConfig(**{**SMALL, **change})
+        make_config({**SMALL, **change})
 
 
 def test_presets_build():
@@ -101,8 +115,37 @@ def test_presets_build():
     GPT(preset("tiny", vocab_size=128), verbose=False)
 
 
+def allowed_tokens(row, top_k, top_p):
+    """The tokens sampling may pick from probabilities `row`: the top_k most likely (ties to the lower id),
+    then, renormalised, the shortest prefix whose mass reaches top_p."""
+    order = sorted(range(len(row)), key=lambda e: (-row[e], e))[:top_k or len(row)]
+    if top_p is None:
+        return set(order)
+    total, mass, chosen = sum(row[e] for e in order), 0.0, []
+    for e in order:
+        if mass >= top_p:
+            break
+        chosen.append(e)
+        mass += row[e] / total
+    return set(chosen)
+
+
+@torch.no_grad()
 def test_generate_past_block_size_and_sampling():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**SMALL, "block_size": 8}), verbose=False).eval()
-    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 20, temperature=1.0, top_k=5, top_p=0.9)
-    assert out.shape == (1, 23) and out.max() < 101
+    wide = GPT(GPTConfig(**{**SMALL, "block_size": 64}), verbose=False).eval()  # same weights, room to
+    wide.load_state_dict(model.state_dict())                                   # recompute past 8 tokens
+    prompt = torch.randint(0, 101, (2, 3))
+    greedy, seq = model.generate(prompt, 20, temperature=0), prompt
+    for _ in range(20):  # 23 tokens in the end: the cache runs well past block_size
+        seq = torch.cat([seq, wide(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(greedy, seq)
+    # Every sampled token lies in the set top_k / top_p allow for the distribution it was drawn from (at
+    # initialisation the distribution is nearly flat, so unrestricted sampling would leave the set at once).
+    for top_k, top_p in ((3, None), (None, 0.5), (4, 0.6)):
+        out = model.generate(prompt.repeat(8, 1), 12, temperature=1.0, top_k=top_k, top_p=top_p)
+        for t in range(3, out.shape[1]):
+            probs = wide(out[:, :t])[0][:, -1].float().softmax(-1)
+            for row, token in zip(probs.tolist(), out[:, t].tolist()):
+                assert token in allowed_tokens(row, top_k, top_p), (top_k, top_p, t)

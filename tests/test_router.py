@@ -3,7 +3,21 @@ import math
 import pytest
 import torch
 
-from router import MoE, compute_dtype, load_balance_loss, router_entropy, router_z_loss, top_k_mask, top_p_mask
+from model import init_weights
+from router import (MoE, RouterConfig, compute_dtype, load_balance_loss, router_entropy, router_z_loss, top_k_mask,
+                    top_p_mask)
+
+
+def make_moe(n_embd, n_experts, hidden, n_shared=1, expert_gemm="auto", std=None, **router):
+    """A MoE initialised as the model does, or with every weight normal(0, std): outputs and gradients of
+    order 1, so that absolute tolerances mean something."""
+    moe = MoE(n_embd, n_experts, hidden, n_shared, RouterConfig(**router), expert_gemm)
+    init_weights(moe, n_layer=1)
+    if std is not None:
+        with torch.no_grad():
+            for p in moe.parameters():
+                p.normal_(0.0, std)
+    return moe
 
 
 def brute_force_top_p(row, p, min_k=1, max_k=None):
@@ -44,6 +58,15 @@ def test_top_p_basics():
     assert top_p_mask(probs, 1.0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_top_p_is_exact_at_the_threshold(dtype):
+    # The top expert alone reaches p = 0.5 exactly: one expert, in every dtype. (Subtracting each value from
+    # the running sum gave 0.5 + 1/3 - 1/3 < 0.5 in float64, and so two experts.)
+    probs = torch.tensor([[0.5, 1 / 3, 1 / 6], [0.25, 0.25, 0.5]], dtype=dtype)
+    assert top_p_mask(probs, 0.5).sum(-1).tolist() == [1, 1]
+    assert top_p_mask(probs, 0.75).sum(-1).tolist() == [2, 2]
+
+
 def test_top_k_matches_brute_force():
     probs = rows()
     for k in (1, 2, 5):
@@ -60,8 +83,14 @@ def test_top_k_matches_brute_force():
     (lambda: top_k_mask(torch.rand(4, 8).softmax(-1), 0), "top_k"),
     (lambda: top_k_mask(torch.rand(4, 8).softmax(-1), 9), "top_k"),
     (lambda: MoE(16, 0, 8), "n_experts"),
-    (lambda: MoE(16, 4, 8, routing="top_k", top_k=5), "top_k"),
+    (lambda: MoE(16, 4, 8, config=RouterConfig(routing="top_k", top_k=5)), "top_k"),
     (lambda: MoE(16, 4, 8, expert_gemm="bmm"), "expert_gemm"),
+    (lambda: RouterConfig(routing="top_q"), "routing"),
+    (lambda: RouterConfig(min_k=3, max_k=2), "max_k"),
+    (lambda: RouterConfig(entropy_loss=-1.0), "entropy_loss"),
+    (lambda: RouterConfig(top_k=2.5), "top_k must be int"),
+    (lambda: RouterConfig().updated(8, top_pp=0.3), "unknown router setting"),
+    (lambda: RouterConfig().updated(8, n_expert_groups=3), "divisible"),
 ])
 def test_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
@@ -69,23 +98,28 @@ def test_bad_inputs(call, message):
 
 
 def slow_moe(moe, x):
-    """Loop over every token and each expert it selected; shared experts as independent MLPs."""
+    """Loop over every token and each expert it selected; shared experts as independent MLPs. Runs in x's
+    dtype (float64 for the gradient checks), with autograd through every weight and the router."""
     flat = x.reshape(-1, x.shape[-1])
-    probs = (flat @ moe.router.weight.t()).softmax(-1)
-    mask = top_p_mask(probs, moe.top_p, moe.min_k, moe.max_k) if moe.routing == "top_p" else top_k_mask(probs, moe.top_k)
-    out = torch.zeros_like(flat)
+    probs = (flat @ moe.router.weight.t().to(x.dtype)).softmax(-1)
+    c = moe.config
+    mask = top_p_mask(probs.detach(), c.top_p, c.min_k, c.max_k) if c.routing == "top_p" else top_k_mask(probs.detach(), c.top_k)
+    w1, w3, w2 = (w.to(x.dtype) for w in (moe.w1, moe.w3, moe.w2))
+    rows_out = []
     for t in range(flat.shape[0]):
+        out = torch.zeros_like(flat[t])
         for e in mask[t].nonzero().flatten().tolist():
-            h = torch.nn.functional.silu(flat[t] @ moe.w1[e]) * (flat[t] @ moe.w3[e])
-            out[t] += probs[t, e] * (h @ moe.w2[e])
+            h = torch.nn.functional.silu(flat[t] @ w1[e]) * (flat[t] @ w3[e])
+            out = out + probs[t, e] * (h @ w2[e])
         if moe.shared is not None:
+            s1, s3, s2 = (lin.weight.to(x.dtype) for lin in (moe.shared.w1, moe.shared.w3, moe.shared.w2))
             h_size = moe.w1.shape[2]
-            for s in range(moe.shared.w1.weight.shape[0] // h_size):  # each shared expert on its own
+            for s in range(s1.shape[0] // h_size):  # each shared expert on its own
                 rows = slice(s * h_size, (s + 1) * h_size)
-                h = torch.nn.functional.silu(flat[t] @ moe.shared.w1.weight[rows].t()) * \
-                    (flat[t] @ moe.shared.w3.weight[rows].t())
-                out[t] += h @ moe.shared.w2.weight[:, rows].t()
-    return out.view_as(x), mask
+                h = torch.nn.functional.silu(flat[t] @ s1[rows].t()) * (flat[t] @ s3[rows].t())
+                out = out + h @ s2[:, rows].t()
+        rows_out.append(out)
+    return torch.stack(rows_out).view_as(x), mask
 
 
 @pytest.mark.parametrize("routing", ["top_p", "top_k"])
@@ -93,37 +127,47 @@ def slow_moe(moe, x):
 @pytest.mark.parametrize("grouped", ["grouped", "loop"])
 def test_moe_matches_slow_reference(routing, n_shared, grouped):
     torch.manual_seed(0)
-    moe = MoE(16, 6, 8, n_shared=n_shared, routing=routing, top_k=2, expert_gemm=grouped)
+    moe = make_moe(16, 6, 8, n_shared=n_shared, expert_gemm=grouped, std=0.3, routing=routing, top_k=2)
     with torch.no_grad():
         moe.router.weight[5] = -10.0 * moe.router.weight[5].abs().sign()  # expert 5 never wins...
     x = torch.randn(3, 7, 16).abs()                                       # ...for positive inputs
-    y, aux = moe(x)
+    y, aux, routing = moe(x)
     expected, mask = slow_moe(moe, x)
     assert mask[:, 5].sum() == 0, "the test needs an expert that receives no tokens"
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     with torch.inference_mode():  # without autograd the loop skips experts that got no tokens
         torch.testing.assert_close(moe(x)[0], expected, atol=1e-5, rtol=1e-5)
     assert aux.ndim == 0 and torch.isfinite(aux)
-    assert moe.stats["tokens_per_expert"].tolist() == mask.sum(0).tolist()
-    assert moe.stats["experts_per_token"].item() == pytest.approx(mask.sum(1).float().mean().item())
+    assert routing.tokens_per_expert.tolist() == mask.sum(0).tolist()
+    assert routing.experts_per_token.flatten().tolist() == mask.sum(1).tolist()
+    assert routing.experts_per_token.shape == (3, 7)
 
 
 @pytest.mark.parametrize("grouped", ["grouped", "loop"])
-def test_gradients_reach_router_and_experts(grouped):
+def test_gradients_match_the_slow_reference(grouped):
+    # Gradients of every weight (router included, through the gate probabilities) and of the input, against
+    # autograd through the token-by-token reference in float64.
     torch.manual_seed(0)
-    moe = MoE(16, 6, 8, n_shared=1, expert_gemm=grouped, balance_loss=0, entropy_loss=0, z_loss=0)
+    moe = make_moe(16, 6, 8, n_shared=1, expert_gemm=grouped, std=0.3, balance_loss=0.0, entropy_loss=0.0,
+                   z_loss=0.0)
     with torch.no_grad():
         moe.router.weight[5] = -10.0 * moe.router.weight[5].abs().sign()
-    x = torch.randn(4, 5, 16).abs()
-    y, aux = moe(x)
+    x = torch.randn(4, 5, 16).abs().requires_grad_()
+    y, aux, _ = moe(x)
     (y.square().sum() + aux).backward()
-    used = moe.stats["tokens_per_expert"] > 0
-    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
-    for w in (moe.w1, moe.w2, moe.w3):
-        assert w.grad is not None  # every expert is in the graph (DDP needs no find_unused_parameters)
-        norms = w.grad.flatten(1).norm(dim=1)
-        assert (norms[used] > 0).all() and (norms[~used] == 0).all()
-    assert not used[5]
+    got = {name: p.grad.clone() for name, p in moe.named_parameters()}
+    got_x, x.grad = x.grad.clone(), None
+    moe.zero_grad()
+    expected, mask = slow_moe(moe, x.double())
+    expected.square().sum().backward()
+    assert mask[:, 5].sum() == 0, "the test needs an expert that receives no tokens"
+    for name, p in moe.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(got_x, x.grad.float(), atol=1e-5, rtol=1e-4)
+    used = mask.sum(0) > 0
+    for w in ("w1", "w2", "w3"):  # an unused expert stays in the graph (DDP needs that) with a zero gradient
+        norms = got[w].flatten(1).norm(dim=1)
+        assert (norms[used] > 0.01).all() and (norms[~used] == 0).all()
 
 
 @pytest.mark.parametrize("expert_gemm", ["grouped", "loop"])
@@ -131,13 +175,13 @@ def test_experts_run_in_the_autocast_dtype(expert_gemm):
     # Under autocast the residual stream stays fp32 but the experts' matmuls run in bf16: the output comes
     # back fp32, close to the fp32 reference, and the gradients reach the fp32 expert weights.
     torch.manual_seed(0)
-    moe = MoE(16, 6, 8, n_shared=1, expert_gemm=expert_gemm)
+    moe = make_moe(16, 6, 8, n_shared=1, expert_gemm=expert_gemm, std=0.3)
     x = torch.randn(4, 5, 16)
     expected, _ = slow_moe(moe, x)
     assert compute_dtype(x) == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert compute_dtype(x) == torch.bfloat16
-        y, aux = moe(x)
+        y, aux, _ = moe(x)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, expected, atol=0.05, rtol=0.05)
     y.square().sum().backward()
@@ -165,13 +209,17 @@ def test_balance_loss_minimum_and_entropy_closed_form():
 
 
 def test_controller_moves_p_toward_the_target():
-    moe = MoE(16, 8, 8, target_experts=2.0, controller_gain=0.5, top_p=0.4)
-    moe.adjust_p(4.0)   # too many experts: p must drop
-    assert moe.top_p < 0.4
-    p = moe.top_p
-    moe.adjust_p(1.0)   # too few: p must rise
-    assert moe.top_p > p
-    state = moe.state_dict()
-    fresh = MoE(16, 8, 8)
-    fresh.load_state_dict(state)
-    assert fresh.top_p == moe.top_p  # p travels with the checkpoint
+    moe = make_moe(16, 8, 8, target_experts=2.0, controller_gain=0.5, top_p=0.4)
+    moe.adjust_p(4.0)   # too many experts: p drops by gain * (2 - 4) / 8
+    assert moe.config.top_p == pytest.approx(0.4 - 0.5 * 2 / 8)
+    moe.adjust_p(1.0)   # too few: p rises by gain * (2 - 1) / 8
+    assert moe.config.top_p == pytest.approx(0.4 - 0.5 * 2 / 8 + 0.5 / 8)
+
+
+def test_router_settings_travel_with_the_state_dict():
+    moe = make_moe(16, 8, 8)
+    moe.config = moe.config.updated(8, routing="top_k", top_k=3, entropy_loss=0.0)
+    fresh = make_moe(16, 8, 8)
+    fresh.load_state_dict(moe.state_dict())
+    assert fresh.config == RouterConfig(routing="top_k", top_k=3, entropy_loss=0.0)
+    assert (fresh(torch.randn(5, 16))[2].experts_per_token == 3).all()

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(n_layer=4, n_head=2, n_kv_head=1, n_embd=32, block_size=64, window=8, attn_pattern="LG",
-            kv_share=True, n_experts=4, expert_hidden=16, mlp_hidden=64, compile=False, plots=False,
+            share_kv=True, n_experts=4, expert_hidden=16, mlp_hidden=64, compile=False, plots=False,
             eval_iters=1, arith_problems=4, seed=7)
 STAGES = [
     dict(name="one", mixture={"shakespeare_char": 1.0}, steps=8, seq_len=32, batch_size=4, warmup=2, lr_end=0.5),
@@ -34,6 +35,16 @@ def run(args, **kwargs):
 def train_records(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r["kind"] == "train"]
+
+
+def test_every_stage_ends_at_its_lr_end():
+    from train import Stage, lr_at
+    stages = [Stage("a", {"x": 1}, steps=3, warmup=2, lr_end=0.1)]
+    assert [lr_at(stages, 0, i) for i in range(3)] == pytest.approx([0.5, 1.0, 0.1])
+    stages.append(Stage("b", {"x": 1}, steps=1, lr_end=0.02, decay="cosine"))
+    assert lr_at(stages, 1, 0) == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="warmup"):
+        Stage("c", {"x": 1}, steps=3, warmup=3)
 
 
 def test_ddp_two_ranks_match_one_process_with_double_accumulation(corpora, tmp_path):
@@ -93,10 +104,11 @@ def test_stage_transitions_happen_at_the_configured_step(corpora, tmp_path):
     assert all(p == 0.4 for r in first for p in r["top_p"]) and all(p == 0.7 for r in second for p in r["top_p"])
     assert {r["rope_base"] for r in first} == {10000.0} and {r["rope_base"] for r in second} == {50000.0}
     peak = 1e-3
-    # stage 1: warmup over 2 steps to 1.0, then linear to 0.5; stage 2 continues at 0.5, cosine to 0.1
-    assert [r["lr"] / peak for r in first[:3]] == pytest.approx([0.5, 1.0, 1.0])
-    assert first[-1]["lr"] / peak == pytest.approx(0.5)
-    assert second[0]["lr"] / peak == pytest.approx(0.5) and second[-1]["lr"] / peak == pytest.approx(0.1)
+    # stage 1: warmup over 2 steps up to 1.0, then linear to 0.5 at its last step; stage 2 goes on from 0.5
+    # (without repeating it), cosine to 0.1 at its last step
+    assert [r["lr"] / peak for r in first] == pytest.approx([0.5, 1.0] + [1 - 0.5 * i / 6 for i in range(1, 7)])
+    assert [r["lr"] / peak for r in second] == pytest.approx(
+        [0.5 - 0.4 * 0.5 * (1 - math.cos(math.pi * i / 6)) for i in range(1, 7)])
     assert records[7]["tokens"] == 8 * 4 * 32 and records[8]["tokens"] == 8 * 4 * 32 + 2 * 48
 
 
@@ -125,13 +137,13 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(corpora, tmp_path, monk
     real_forward = model.GPT.forward
     calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None, cache=None):
-        logits, loss = real_forward(self, idx, targets, cache)
+    def poisoned(self, idx, targets=None, cache=None, parts=False):
+        logits, loss, loss_parts = real_forward(self, idx, targets, cache, parts=True)
         if targets is not None and self.training:
             calls["n"] += 1
             if calls["n"] == 5:  # the 5th training step
                 loss = loss * float("nan")
-        return logits, loss
+        return (logits, loss, loss_parts) if parts else (logits, loss)
 
     monkeypatch.setattr(model.GPT, "forward", poisoned)
     config = write_config(tmp_path / "n.py", tmp_path / "n")
@@ -148,11 +160,42 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(corpora, tmp_path, monk
 def test_mismatched_and_corrupt_checkpoints_are_refused(corpora, tmp_path):
     config = write_config(tmp_path / "m.py", tmp_path / "m", stages=[STAGES[0]])
     assert run([sys.executable, "train.py", config]).returncode == 0
-    other = run([sys.executable, "train.py", config, "--n_embd=64"])
-    assert other.returncode != 0 and "does not match" in other.stderr and "n_embd" in other.stderr
+    files = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    changed_router = "--stages=[" + repr({**STAGES[0], "router": {"top_p": 0.5}}) + "]"
+    for args, names in [(["--n_embd=64"], ["n_embd"]), (["--lr=2e-3", "--beta2=0.99"], ["lr", "beta2"]),
+                        (["--seed=8", "--weight_decay=0.0"], ["seed", "weight_decay"]),
+                        (["--grad_clip=0.5", "--dtype=bfloat16"], ["grad_clip", "dtype"]),
+                        (["--entropy_loss=0.0"], ["router"]), ([changed_router], ["stages"])]:
+        other = run([sys.executable, "train.py", config] + args)
+        assert other.returncode != 0 and "different run" in other.stderr, other.stderr[-2000:]
+        for name in names:
+            assert f"\n  {name}: checkpoint" in other.stderr, (name, other.stderr)
+        assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == files  # nothing written
+    # Settings that change neither the math nor the evaluation may change: the finished run just resumes.
+    same = run([sys.executable, "train.py", config, "--log_interval=5", "--ckpt_interval=7", "--eval_interval=9"])
+    assert same.returncode == 0 and "resuming" in same.stdout, same.stderr[-2000:]
     (tmp_path / "m" / "ckpt.pt").write_bytes(b"not a checkpoint")
     corrupt = run([sys.executable, "train.py", config])
     assert corrupt.returncode != 0 and "cannot read checkpoint" in corrupt.stderr
+
+
+def test_checkpoints_load_without_running_code(corpora, tmp_path):
+    # A checkpoint whose pickle would run code (here: os.system) is refused; train.py's own files load
+    # with weights_only=True.
+    config = write_config(tmp_path / "w.py", tmp_path / "w", stages=[STAGES[0]])
+    assert run([sys.executable, "train.py", config]).returncode == 0
+    torch.load(tmp_path / "w" / "ckpt.pt", weights_only=True)
+    torch.load(tmp_path / "w" / "best.pt", weights_only=True)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    ckpt = torch.load(tmp_path / "w" / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "state": Evil()}, tmp_path / "w" / "ckpt.pt")
+    result = run([sys.executable, "train.py", config])
+    assert result.returncode != 0 and "cannot read checkpoint" in result.stderr
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_sigterm_saves_and_exits_cleanly(corpora, tmp_path):
