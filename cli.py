@@ -62,11 +62,14 @@ def _comments(schema):
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, flags=re.M))
 
 
-def help_text(schemas, nested=()):
+def help_text(schemas, nested=(), allow_file=True):
     """Every setting of the schemas (and, listed apart, of the nested ones, e.g. a training stage's)."""
+    if not schemas:
+        return "This script takes no settings."
+    how = "--key=value, or key = value in a config/<run>.py given first" if allow_file else "--key=value"
     lines = []
-    for schema, title in [(s, f"{s.__name__} settings (--key=value or key = value in a config file)")
-                          for s in schemas] + [(s, f"{s.__name__} settings (keys of each entry)") for s in nested]:
+    for schema, title in [(s, f"{s.__name__} settings ({how})") for s in schemas] + \
+                         [(s, f"{s.__name__} settings (keys of each entry)") for s in nested]:
         lines.append(f"\n{title}:")
         notes = _comments(schema)
         for f in dataclasses.fields(schema):
@@ -84,7 +87,7 @@ def parse(argv, *schemas, allow_file=True, nested=()):
     settings go inside another setting (a stage's inside `stages`), and naming one at the top level says so.
     --help (or -h) prints every setting and exits."""
     if "--help" in argv or "-h" in argv:
-        print(help_text(schemas, nested))
+        print(help_text(schemas, nested, allow_file))
         raise SystemExit(0)
     known = {f.name: f.type for schema in schemas for f in dataclasses.fields(schema)
              if not dataclasses.is_dataclass(f.type)}

@@ -112,23 +112,92 @@ def test_stage_transitions_happen_at_the_configured_step(corpora, tmp_path):
     assert records[7]["tokens"] == 8 * 4 * 32 and records[8]["tokens"] == 8 * 4 * 32 + 2 * 48
 
 
+def stage(**settings):
+    return {"name": "a", "mixture": {"shakespeare_char": 1}, "steps": 3, "seq_len": 16, **settings}
+
+
+def stages_arg(*stages):
+    return [f"--stages={list(stages)!r}"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--n_layr=4"], "unknown setting 'n_layr'"),
     (["--lr=fast"], "lr must be float"),
     (["--lr=-1"], "lr must be > 0"),
-    (["--stages=[{'name': 'x', 'mixture': {}, 'steps': 3}]"], "mixture must name at least one corpus"),
-    (["--stages=[{'name': 'x', 'mixture': {'shakespeare_char': 1}, 'steps': 3, 'seq_len': 4096}]"],
-     "exceeds block_size"),
-    (["--stages=[{'name': 'x', 'mixture': {'nope': 1}, 'steps': 3}]"], "unknown corpus 'nope'"),
-    (["--n_embd=30"], "divisible by n_head"),
+    (stages_arg(stage(mixture={})), "mixture must name at least one corpus"),
+    (stages_arg(stage(seq_len=4096)), "exceeds block_size"),
+    (stages_arg(stage(mixture={"nope": 1})), "unknown corpus 'nope'"),
+    (["--n_embd=30", "--n_head=4"], "divisible by n_head"),
+    (stages_arg(stage(), stage(name="last", router={"routing": "top_k", "top_k": 99})),
+     "stage 'last': top_k (99) cannot exceed n_experts (4)"),
+    (stages_arg(stage(router={"top_pp": 0.5})), "stage 'a': unknown router setting(s) ['top_pp']"),
+    (stages_arg(stage(router={"top_p": "0.5"})), "stage 'a': router setting top_p must be float"),
+    (stages_arg(stage(warmup=3)), "warmup (3) must be shorter than the stage"),
+    (["--batch_size=4"], "'batch_size' in --batch_size is a setting of each stage"),
+    (["--top_k=5"], "top_k (5) cannot exceed n_experts (4)"),
 ])
 def test_bad_configs_exit_with_a_message_and_write_nothing(corpora, tmp_path, args, message):
     out_dir = tmp_path / "never"
-    result = run([sys.executable, "train.py", f"--out_dir={out_dir}", "--compile=False"] + args)
+    config = write_config(tmp_path / "bad.py", out_dir)
+    result = run([sys.executable, "train.py", config, f"--out_dir={out_dir}"] + args)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not out_dir.exists()
+
+
+def test_syntax_error_in_a_config_file_names_file_and_line(corpora, tmp_path):
+    config = tmp_path / "broken.py"
+    config.write_text("lr = 1e-3\nstages = [dict(name='a',\n")
+    result = run([sys.executable, "train.py", str(config)])
+    assert result.returncode != 0 and f"syntax error in config file {config}, line" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script,setting", [("train.py", "--eval_seq_len"), ("train.py", "--top_p"),
+                                            ("train.py", "--n_kv_head"), ("sample.py", "--top_p"),
+                                            ("bench.py", "--repeats")])
+def test_help_lists_every_setting_with_its_meaning(script, setting):
+    result = run([sys.executable, script, "--help"])
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.strip().startswith(setting + " "))
+    assert "default" in line and len(line.split(")", 1)[1].strip()) > 10, line  # a meaning follows
+
+
+def test_resume_at_a_stage_boundary_and_the_routing_travels(corpora, tmp_path, monkeypatch):
+    # The last stage switches to top-3 routing. A run stopped right after the checkpoint that closes stage
+    # one resumes into stage two exactly, and sample.load_run rebuilds the model routing as it last trained.
+    import sample
+    import train
+    stages = [STAGES[0], {**STAGES[1], "router": {"routing": "top_k", "top_k": 3}}]
+    torch.set_num_threads(1)  # in-process runs, compared bit for bit
+    evals = []
+    real_evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda model, corpora, seq_len, batch_size, *rest:
+                        evals.append((seq_len, batch_size)) or real_evaluate(model, corpora, seq_len, batch_size, *rest))
+    train.main([write_config(tmp_path / "a.py", tmp_path / "a", stages=stages, ckpt_interval=1000)])
+    assert evals == [(48, 8), (48, 8)]  # the same val batches at every evaluation, whatever the stage's shape
+
+    real_save = train.Trainer.save_checkpoint
+
+    def save_then_die(self, loader):
+        real_save(self, loader)
+        raise SystemExit("killed right after the checkpoint at the stage boundary")
+
+    config = write_config(tmp_path / "b.py", tmp_path / "b", stages=stages, ckpt_interval=1000)
+    monkeypatch.setattr(train.Trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(SystemExit, match="killed"):
+        train.main([config])
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["state"]["stage"] == 1
+    monkeypatch.setattr(train.Trainer, "save_checkpoint", real_save)
+    train.main([config])
+    assert [r["loss"] for r in train_records(tmp_path / "b")] == [r["loss"] for r in train_records(tmp_path / "a")]
+    assert {r["routing"][0] for r in train_records(tmp_path / "b")[8:]} == {"top_k"}
+
+    model, _ = sample.load_run(str(tmp_path / "b"))
+    assert all(m.config.routing == "top_k" and m.config.top_k == 3 for m in model.moe_layers())
+    _, _, parts = model(torch.zeros(1, 5, dtype=torch.long), parts=True)
+    assert all((r.experts_per_token == 3).all() for r in parts.routing)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(corpora, tmp_path, monkeypatch):

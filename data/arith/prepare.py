@@ -4,20 +4,30 @@ Operations +, - and *; each operand has 1 to --max_digits digits, drawn so that 
 operand's digit count) is equally common. val_problems.jsonl lists every val problem with its prompt, answer,
 operation and difficulty, so a run can measure exact-match accuracy by difficulty and look at how many experts
 the router gives the harder ones. Run: python data/arith/prepare.py [--max_digits=4] [--n_train=120000]"""
+import dataclasses
 import json
 import os
 import random
 import sys
+from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from corpus import GPT2_EOT, corpus_dir, gpt2_encoding, write_corpus  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import cli  # noqa: E402
+from data.corpus import GPT2_EOT, corpus_dir, gpt2_encoding, write_corpus  # noqa: E402
 
-settings = {"max_digits": 4, "n_train": 120_000, "n_val": 2_000, "seed": 1337}
-for arg in sys.argv[1:]:
-    key, _, value = arg.removeprefix("--").partition("=")
-    if key not in settings or not value.isdigit():
-        sys.exit(f"bad argument {arg!r}; known: " + " ".join(f"--{k}=N" for k in settings))
-    settings[key] = int(value)
+
+@dataclass
+class ArithConfig:
+    max_digits: int = 4              # operands have 1 to max_digits digits
+    n_train: int = 120_000           # train problems
+    n_val: int = 2_000               # val problems
+    seed: int = 1337                 # seeds the problem generator
+
+
+try:
+    settings = dataclasses.asdict(cli.build(ArithConfig, cli.parse(sys.argv[1:], ArithConfig, allow_file=False)))
+except cli.ConfigError as e:
+    sys.exit(f"argument error: {e}")
 
 
 def problem(rng, max_digits):

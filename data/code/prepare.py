@@ -6,15 +6,22 @@ Run: python data/code/prepare.py [--max_bytes=3000000]"""
 import os
 import sys
 import sysconfig
+from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from corpus import GPT2_EOT, gpt2_encoding, write_corpus  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import cli  # noqa: E402
+from data.corpus import GPT2_EOT, gpt2_encoding, write_corpus  # noqa: E402
 
-max_bytes = 3_000_000
-for arg in sys.argv[1:]:
-    if not arg.startswith("--max_bytes="):
-        sys.exit(f"unknown argument {arg!r}; usage: python data/code/prepare.py [--max_bytes=N]")
-    max_bytes = int(arg.split("=", 1)[1])
+
+@dataclass
+class CodeConfig:
+    max_bytes: int = 3_000_000       # stop adding source files after this many bytes
+
+
+try:
+    max_bytes = cli.build(CodeConfig, cli.parse(sys.argv[1:], CodeConfig, allow_file=False)).max_bytes
+except cli.ConfigError as e:
+    sys.exit(f"argument error: {e}")
 
 stdlib = sysconfig.get_paths()["stdlib"]
 skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "ensurepip", "__pycache__", "turtledemo"}

@@ -3,8 +3,15 @@ Run: python data/shakespeare_char/prepare.py"""
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from corpus import corpus_dir, write_corpus  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import cli  # noqa: E402
+
+from data.corpus import corpus_dir, write_corpus  # noqa: E402
+
+try:
+    cli.parse(sys.argv[1:], allow_file=False)  # no settings: --help says so, anything else is an error
+except cli.ConfigError as e:
+    sys.exit(f"argument error: {e}")
 
 with open(os.path.join(corpus_dir("shakespeare_char"), "input.txt"), encoding="utf-8") as f:
     text = f.read()

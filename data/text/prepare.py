@@ -8,9 +8,19 @@ end with the end-of-text token; every --val_every-th document goes to val (defau
 import json
 import os
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from corpus import GPT2_EOT, corpus_dir, gpt2_encoding, write_corpus  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import cli  # noqa: E402
+from data.corpus import GPT2_EOT, corpus_dir, gpt2_encoding, write_corpus  # noqa: E402
+
+
+@dataclass
+class TextConfig:
+    name: str = ""                       # the corpus name: data/<name>/ (letters, digits and _)
+    val_every: int = 20                  # every val_every-th document goes to val
+    fineweb_docs: Optional[int] = None   # stream this many FineWeb-Edu documents instead of reading files
 
 
 def documents_from_files(paths):
@@ -46,23 +56,20 @@ def documents_from_fineweb(n_docs):
 
 
 def main(argv):
-    options, files = {"name": None, "val_every": "20", "fineweb_docs": None}, []
-    for arg in argv:
-        if arg.startswith("--"):
-            key, _, value = arg[2:].partition("=")
-            if key not in options:
-                sys.exit(f"unknown option {arg!r}; known: " + ", ".join(f"--{k}=" for k in options))
-            options[key] = value
-        else:
-            files.append(arg)
-    name = options["name"]
+    files = [arg for arg in argv if not arg.startswith("-")]  # the rest are settings
+    try:
+        cfg = cli.build(TextConfig, cli.parse([a for a in argv if a not in files], TextConfig, allow_file=False))
+    except cli.ConfigError as e:
+        sys.exit(f"argument error: {e}")
+    name = cfg.name
     if not name or not name.replace("_", "").isalnum():
         sys.exit("give the corpus a name of letters, digits and _: --name=mydata")
-    if not files and not options["fineweb_docs"]:
+    if cfg.val_every < 2:
+        sys.exit(f"--val_every must be >= 2; got {cfg.val_every}")
+    if not files and not cfg.fineweb_docs:
         sys.exit("give text/JSONL files to tokenize, or --fineweb_docs=N to stream FineWeb-Edu")
-    docs = documents_from_fineweb(int(options["fineweb_docs"])) if options["fineweb_docs"] else \
-        documents_from_files(files)
-    enc, val_every = gpt2_encoding(), int(options["val_every"])
+    docs = documents_from_fineweb(cfg.fineweb_docs) if cfg.fineweb_docs else documents_from_files(files)
+    enc, val_every = gpt2_encoding(), cfg.val_every
     train, val, n = [], [], 0
     for n, doc in enumerate(docs, 1):
         (val if n % val_every == 0 else train).extend(enc.encode_ordinary(doc) + [GPT2_EOT])
