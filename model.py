@@ -268,10 +268,12 @@ class GPT(nn.Module):
                        device=device or weight.device, dtype=dtype or weight.dtype)
 
     @torch.inference_mode()  # like no_grad, with less per-op bookkeeping: decoding runs many small ops
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, cache=None, on_token=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, cache=None, on_token=None,
+                 vocab_size=None):
         """Continue idx (B, T) by max_new_tokens tokens: one prefill of the prompt, then one token at a
         time through the KV cache. temperature 0 (or top_k=1) is greedy. top_p: nucleus sampling with the
-        same rule as the router (smallest set of tokens whose probabilities reach p).
+        same rule as the router (smallest set of tokens whose probabilities reach p). vocab_size: the
+        tokenizer's, when the model's is padded beyond it: ids past it are never produced.
 
         Past block_size: local layers simply slide (their ring buffer never holds more than `window`); global
         layers keep attending to every position, with RoPE angles beyond those seen in training, so quality
@@ -281,7 +283,7 @@ class GPT(nn.Module):
             cache = self.make_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
         logits, _ = self(idx, cache=cache)
         for i in range(max_new_tokens):
-            logits = logits[:, -1, :].float()
+            logits = logits[:, -1, :vocab_size].float()  # (padding ids are the tokenizer's unknowns)
             if temperature == 0 or top_k == 1:
                 next_token = logits.argmax(-1, keepdim=True)
             else:

@@ -1,7 +1,8 @@
 """
 Plots of a training run, from its out_dir/metrics.jsonl, into out_dir/plots/:
 
-    loss.png     train and val loss per corpus over tokens, stage boundaries marked (+ arith accuracy)
+    loss.png     train and val loss per corpus over tokens (nats per token, and val bits per byte), stages marked
+    arith.png    held-out arithmetic exact match per level over tokens, stages marked
     experts.png  routed experts per token, per MoE layer, over training
     load.png     share of tokens per expert, per MoE layer (the load balance), over the last tenth of training
 
@@ -31,6 +32,12 @@ def stage_starts(train):
     return [(prev["tokens"], r["stage"]) for prev, r in zip(train, train[1:]) if r["stage"] != prev["stage"]]
 
 
+def mark_stages(ax, boundaries):
+    for tokens, stage in boundaries:
+        ax.axvline(tokens, color="k", ls="--", lw=0.8)
+        ax.text(tokens, ax.get_ylim()[1], f" stage {stage}", va="top", fontsize=8)
+
+
 def plot_run(out_dir):
     records = read_metrics(out_dir)
     train = [r for r in records if r["kind"] == "train"]
@@ -41,26 +48,35 @@ def plot_run(out_dir):
     os.makedirs(folder, exist_ok=True)
     boundaries = stage_starts(train)
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, ax_bpb) = plt.subplots(1, 2, figsize=(12, 4.5))
     ax.plot([r["tokens"] for r in train], [r["ce"] for r in train], color="0.7", lw=1, label="train (mixture)")
     for corpus in (evals[0]["val"] if evals else []):
         ax.plot([r["tokens"] for r in evals], [r["val"][corpus] for r in evals], marker="o", ms=3,
                 label=f"val {corpus}")
-    for tokens, stage in boundaries:
-        ax.axvline(tokens, color="k", ls="--", lw=0.8)
-        ax.text(tokens, ax.get_ylim()[1], f" stage {stage}", va="top", fontsize=8)
+        ax_bpb.plot([r["tokens"] for r in evals], [r["val_bpb"][corpus] for r in evals], marker="o", ms=3,
+                    label=f"val {corpus}")
     ax.set(xlabel="tokens", ylabel="cross-entropy (nats/token)", title="Loss per corpus")
-    ax.legend(loc="upper right", fontsize=8)
-    accuracy = [r for r in evals if "arith_accuracy" in r]
-    if accuracy:
-        ax2 = ax.twinx()
-        ax2.plot([r["tokens"] for r in accuracy], [r["arith_accuracy"]["all"] for r in accuracy], color="tab:red",
-                 ls=":", marker="s", ms=3, label="arith exact match")
-        ax2.set(ylabel="arith exact-match accuracy", ylim=(0, 1))
-        ax2.legend(loc="center right", fontsize=8)
+    ax_bpb.set(xlabel="tokens", ylabel="bits per byte", title="Val loss in bits per byte (tokenizer-independent)")
+    for a in (ax, ax_bpb):
+        mark_stages(a, boundaries)
+        a.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "loss.png"), dpi=110)
     plt.close(fig)
+
+    accuracy = [r for r in evals if "arith_accuracy" in r]
+    if accuracy:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for level in sorted(accuracy[0]["arith_accuracy"]["level"], key=int):
+            ax.plot([r["tokens"] for r in accuracy], [r["arith_accuracy"]["level"][level] for r in accuracy],
+                    marker="s", ms=3, label=f"level {level}")
+        mark_stages(ax, boundaries)
+        ax.set(xlabel="tokens", ylabel="exact match", ylim=(0, 1.05),
+               title="Held-out arithmetic, exact match per level")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "arith.png"), dpi=110)
+        plt.close(fig)
 
     n_moe = len(train[-1]["experts_per_token"])
     if n_moe:
@@ -68,8 +84,7 @@ def plot_run(out_dir):
         for layer in range(n_moe):
             ax.plot([r["tokens"] for r in train], [r["experts_per_token"][layer] for r in train],
                     label=f"MoE layer {layer}")
-        for tokens, _ in boundaries:
-            ax.axvline(tokens, color="k", ls="--", lw=0.8)
+        mark_stages(ax, boundaries)
         ax.set(xlabel="tokens", ylabel="routed experts per token", title="Experts per token (top-p routing)")
         ax.legend(fontsize=8)
         fig.tight_layout()

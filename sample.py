@@ -3,9 +3,12 @@ Sample from a trained run, streaming tokens as the KV cache produces them.
 
     python sample.py --out_dir=out/default --start="ROMEO:" --num_samples=2 --max_new_tokens=200
     python sample.py --out_dir=out/default --start=FILE:prompt.txt --temperature=0.8 --top_p=0.9
+    python sample.py --out_dir=out/default --start="12+35=" --show_experts     # shade tokens by their experts
 
 Loads out_dir/ckpt.pt (or best.pt with --checkpoint=best), rebuilds the model and the run's tokenizer, and
-prints tokens/s and the KV cache's size at the end.
+prints tokens/s and the KV cache's size at the end. With --show_experts, each token of the prompt and the
+sample is shaded by how many routed experts it used (the mean over MoE layers): in the terminal with ANSI
+colours, and in out_dir/experts.png for slides.
 """
 
 import os
@@ -33,6 +36,7 @@ class SampleConfig:
     top_p: Optional[float] = None       # sample only among the smallest set of tokens whose probability reaches p
     seed: int = 1337                    # seeds the sampling
     device: str = "auto"                # "auto" (cuda if available), "cpu", "cuda", ...
+    show_experts: bool = False          # shade each token by its routed experts (terminal + out_dir/experts.png)
 
 
 def load_run(out_dir, which="ckpt", device="cpu"):
@@ -50,7 +54,7 @@ def load_run(out_dir, which="ckpt", device="cpu"):
         meta = ckpt["meta"]
     except Exception as e:
         raise SystemExit(f"cannot read {path} as a checkpoint ({type(e).__name__}: {e})")
-    tokenizer = Tokenizer(meta)
+    tokenizer = Tokenizer.from_meta(meta)
     if tokenizer.vocab_size > config.vocab_size:
         raise SystemExit(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{config.vocab_size}: the checkpoint and its data do not match")
@@ -60,6 +64,72 @@ def load_run(out_dir, which="ckpt", device="cpu"):
     except RuntimeError as e:
         raise SystemExit(f"{path}: the weights do not match the config stored with them:\n{e}")
     return model.to(device).eval(), tokenizer
+
+
+# -----------------------------------------------------------------------------------------------------
+# Which tokens got more experts: top-p routing gives a token the router is unsure about more of them
+
+@torch.no_grad()
+def experts_per_token(model, idx):
+    """(T,) routed experts of each token of idx (1, T), averaged over the MoE layers. One pass through a KV
+    cache, so the sequence may be longer than block_size; the routing is what decoding saw."""
+    cache = model.make_cache(1, idx.shape[1])
+    _, _, parts = model(idx, cache=cache, parts=True)
+    if not parts.routing:
+        raise SystemExit("--show_experts: this model has no MoE layers")
+    return torch.stack([r.experts_per_token[0].float() for r in parts.routing]).mean(0)
+
+
+def shade(value, low, high):
+    """An (r, g, b) from white (fewest experts) to deep orange (most)."""
+    t = 0.0 if high <= low else (value - low) / (high - low)
+    return 255, round(255 - 140 * t), round(255 - 230 * t)
+
+
+def ansi_shaded(pieces, values):
+    low, high = min(values), max(values)
+    return "".join(f"\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m{piece}\x1b[0m" if piece != "\n" else "\n"
+                   for piece, (r, g, b) in zip(pieces, (shade(v, low, high) for v in values)))
+
+
+def png_shaded(pieces, values, path, title, width=64):
+    """The same shading as a picture: the text in a grid of character cells, each coloured by its token."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, row = [], []
+    for piece, value in zip(pieces, values):
+        for ch in piece:
+            if ch == "\n" or len(row) == width:
+                rows.append(row)
+                row = []
+            if ch != "\n":
+                row.append((ch, value))
+    rows.append(row)
+    low, high = min(values), max(values)
+    fig, ax = plt.subplots(figsize=(width * 0.14 + 1.5, len(rows) * 0.28 + 1))
+    for y, row in enumerate(rows):
+        for x, (ch, value) in enumerate(row):
+            ax.add_patch(plt.Rectangle((x, -y - 1), 1, 1, color=[c / 255 for c in shade(value, low, high)]))
+            ax.text(x + 0.5, -y - 0.5, ch, ha="center", va="center", family="monospace", fontsize=9)
+    ax.set(xlim=(0, width), ylim=(-len(rows), 0), title=title)
+    ax.axis("off")
+    mappable = plt.cm.ScalarMappable(norm=plt.Normalize(low, high), cmap=matplotlib.colors.LinearSegmentedColormap
+                                     .from_list("experts", [[c / 255 for c in shade(v, 0, 1)] for v in (0, 1)]))
+    fig.colorbar(mappable, ax=ax, label="routed experts (mean over MoE layers)", fraction=0.03)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def show_experts(model, tokenizer, ids, path):
+    values = experts_per_token(model, torch.tensor([ids], device=model.wte.weight.device)).tolist()
+    pieces = [tokenizer.decode([i]) for i in ids]
+    keep = [i for i, piece in enumerate(pieces) if piece != "<|endoftext|>"]
+    pieces, values = [pieces[i] for i in keep], [values[i] for i in keep]
+    print(ansi_shaded(pieces, values))
+    print(f"shading: white = {min(values):.2f}, deep orange = {max(values):.2f} routed experts per token")
+    png_shaded(pieces, values, path, f"routed experts per token: {min(values):.2f} (white) to {max(values):.2f}")
+    print(f"wrote {path}")
 
 
 def main(argv):
@@ -85,20 +155,26 @@ def main(argv):
     for n in range(cfg.num_samples):
         print(f"--- sample {n + 1}/{cfg.num_samples} ---")
         print(start, end="", flush=True)
-        generated = []
+        generated, shown = [], [0]
 
         def stream(token):
-            # Decode the whole continuation each time so multi-token characters print correctly.
-            before = tokenizer.decode(generated)
+            # Decode the whole continuation each time, and hold back a trailing U+FFFD: it may be a character
+            # whose bytes (or tokens) are still coming.
             generated.append(token[0, 0].item())
-            print(tokenizer.decode(generated)[len(before):], end="", flush=True)
+            text = tokenizer.decode(generated)
+            ready = len(text.rstrip("\ufffd")) if len(generated) < cfg.max_new_tokens else len(text)
+            print(text[shown[0]:ready], end="", flush=True)
+            shown[0] = max(shown[0], ready)
 
         cache = model.make_cache(1, len(prompt) + cfg.max_new_tokens)
         t0 = time.time()
-        model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cache=cache, on_token=stream)
+        out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cache=cache,
+                             on_token=stream, vocab_size=tokenizer.vocab_size)
         dt = time.time() - t0
         print(f"\n--- {cfg.max_new_tokens} tokens in {dt:.2f}s ({cfg.max_new_tokens / dt:.1f} tokens/s), "
               f"KV cache {cache.nbytes() / 1024:.1f} KiB for {cache.max_len} positions ---")
+        if cfg.show_experts:
+            show_experts(model, tokenizer, out[0].tolist(), os.path.join(cfg.out_dir, "experts.png"))
 
 
 if __name__ == "__main__":

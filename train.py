@@ -36,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import cli
-from data.corpus import MixtureLoader, Tokenizer, corpus_dir, mixture_tokenizer
+import evaluation
+from data.corpus import TOKENIZERS, MixtureLoader, mixture_tokenizer
 from model import GPT, GPTConfig, PRESETS, make_config
 from router import RouterConfig
 
@@ -93,7 +94,8 @@ class Stage:
 class TrainConfig:
     out_dir: str = "out/default"         # checkpoints, metrics.jsonl and plots go here
     stages: list = field(default_factory=lambda: [  # the run: a list of dicts of Stage settings (see below)
-        {"name": "main", "mixture": {"shakespeare_char": 1.0}, "steps": 200, "warmup": 20, "lr_end": 0.1}])
+        {"name": "main", "mixture": {"shakespeare": 1.0}, "steps": 200, "warmup": 20, "lr_end": 0.1}])
+    tokenizer: str = "byte"              # how every corpus of the run is read: "byte", "gpt2" or "char"
     preset: Optional[str] = None         # a model shape from model.PRESETS; model settings given here override it
     lr: float = 1e-3                     # peak learning rate
     weight_decay: float = 0.1            # AdamW weight decay of the matrices
@@ -104,7 +106,7 @@ class TrainConfig:
     eval_iters: int = 10                 # val batches per corpus
     eval_seq_len: Optional[int] = None   # val sequence length, the same all run; None: the longest stage's
     eval_batch_size: int = 8             # val sequences per batch, the same all run
-    arith_problems: int = 100            # val problems for exact-match accuracy, when arith is in the run
+    arith_per_level: int = 40            # held-out arith problems per level scored at each evaluation (0: none)
     log_interval: int = 10               # steps between log lines in metrics.jsonl
     ckpt_interval: int = 100             # steps between checkpoints (and at every stage end)
     resume: bool = True                  # continue from out_dir/ckpt.pt when it exists
@@ -113,6 +115,7 @@ class TrainConfig:
     dtype: str = "auto"                  # "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float32"
     compile: Optional[bool] = None       # torch.compile the model; None: on for CUDA, off for CPU
     plots: bool = True                   # write plots at the end of the run
+    samples: bool = True                 # at the end, print a sample per corpus and arithmetic marked right/wrong
 
     def __post_init__(self):
         def need(ok, message):
@@ -127,6 +130,8 @@ class TrainConfig:
             need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
         need(self.eval_seq_len is None or self.eval_seq_len >= 1, f"eval_seq_len must be >= 1; got {self.eval_seq_len}")
         need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
+        need(self.tokenizer in TOKENIZERS, f"tokenizer must be one of {', '.join(TOKENIZERS)}; got {self.tokenizer!r}")
+        need(self.arith_per_level >= 0, f"arith_per_level must be >= 0; got {self.arith_per_level}")
         need(self.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32; got {self.dtype!r}")
         need(self.preset is None or self.preset in PRESETS, f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         need(isinstance(self.stages, list) and self.stages, "stages must be a non-empty list of stage dicts")
@@ -149,17 +154,19 @@ def stage_router(router, stage, n_experts):
 
 
 def load_config(argv):
-    """TrainConfig and GPTConfig from [config.py] [--key=value ...]; vocab_size comes from the data. Every
-    stage is checked here, before anything runs: a bad value in the last stage stops the run at once."""
+    """TrainConfig, GPTConfig and the run's Tokenizer from [config.py] [--key=value ...]; vocab_size comes from
+    the tokenizer. Every stage is checked here, before anything runs: a bad value in the last stage stops the
+    run at once."""
     settings = cli.parse(argv, TrainConfig, GPTConfig, RouterConfig, nested=(Stage,))
     train_cfg = cli.build(TrainConfig, settings)
-    meta = mixture_tokenizer(list(dict.fromkeys(c for s in train_cfg.stages for c in s.mixture)))
+    tokenizer = mixture_tokenizer(list(dict.fromkeys(c for s in train_cfg.stages for c in s.mixture)),
+                                  train_cfg.tokenizer)
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     model_settings = {**PRESETS.get(train_cfg.preset, {}), **{k: v for k, v in settings.items() if k not in train_names}}
-    model_settings.setdefault("vocab_size", 64 * math.ceil(meta["vocab_size"] / 64))  # pad: faster matmuls
-    if model_settings["vocab_size"] < meta["vocab_size"]:
-        raise cli.ConfigError(f"vocab_size {model_settings['vocab_size']} is smaller than the data's "
-                              f"{meta['vocab_size']}")
+    model_settings.setdefault("vocab_size", 64 * math.ceil(tokenizer.vocab_size / 64))  # pad: faster matmuls
+    if model_settings["vocab_size"] < tokenizer.vocab_size:
+        raise cli.ConfigError(f"vocab_size {model_settings['vocab_size']} is smaller than the {tokenizer.name} "
+                              f"tokenizer's {tokenizer.vocab_size}")
     try:
         model_cfg = make_config(model_settings)
     except ValueError as e:
@@ -175,7 +182,7 @@ def load_config(argv):
         router = stage_router(router, stage, model_cfg.n_experts)
     if train_cfg.eval_seq_len > model_cfg.block_size:
         raise cli.ConfigError(f"eval_seq_len {train_cfg.eval_seq_len} exceeds block_size {model_cfg.block_size}")
-    return train_cfg, model_cfg, meta
+    return train_cfg, model_cfg, tokenizer
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -207,8 +214,8 @@ def lr_at(stages, s, step, world_size=1):
 # Checkpoints: atomic writes, exact resume, clear errors
 
 # Settings that change neither the math nor the evaluation: a resumed run may change these freely.
-FREE_TO_CHANGE = {"out_dir", "eval_interval", "arith_problems", "log_interval", "ckpt_interval", "resume",
-                  "plots", "device", "compile"}
+FREE_TO_CHANGE = {"out_dir", "eval_interval", "log_interval", "ckpt_interval", "resume", "plots", "samples",
+                  "device", "compile"}
 
 
 def save_atomic(obj, path):
@@ -235,52 +242,6 @@ def load_checkpoint(path, model_cfg, train_cfg, world_size):
         raise SystemExit(f"checkpoint {path} was written by a different run:\n  " + "\n  ".join(differ) +
                          "\nResume with the settings it was written with, or use another --out_dir.")
     return ckpt
-
-
-# -----------------------------------------------------------------------------------------------------
-# Evaluation
-
-@torch.no_grad()
-def evaluate(model, corpora, seq_len, batch_size, iters, autocast):
-    """Mean val cross-entropy per corpus on fixed batches: the same at every evaluation of a run."""
-    model.eval()
-    device = model.wte.weight.device
-    losses = {}
-    for name in corpora:
-        loader = MixtureLoader({name: 1.0}, seq_len, batch_size, split="val", seed=0)
-        total = 0.0
-        for _ in range(iters):
-            x, y, _ = loader.next_batch()
-            with autocast:
-                _, _, parts = model(x.to(device), y.to(device), parts=True)
-            total += parts.ce.item()
-        losses[name] = total / iters
-    model.train()
-    return losses
-
-
-@torch.no_grad()
-def arith_accuracy(model, tokenizer, n_problems, autocast):
-    """Exact-match accuracy of greedy answers on arith val problems, per difficulty and overall."""
-    with open(os.path.join(corpus_dir("arith"), "val_problems.jsonl")) as f:
-        problems = [json.loads(line) for _, line in zip(range(n_problems), f)]
-    model.eval()
-    correct, count = {}, {}
-    device = model.wte.weight.device
-    for p in problems:
-        prompt = torch.tensor([[tokenizer.eot] + tokenizer.encode(p["prompt"])], device=device)
-        n_new = len(tokenizer.encode(p["answer"])) + 1
-        with autocast:
-            out = model.generate(prompt, n_new, temperature=0)[0, prompt.shape[1]:].tolist()
-        if tokenizer.eot in out:
-            out = out[:out.index(tokenizer.eot)]
-        d = str(p["difficulty"])
-        count[d] = count.get(d, 0) + 1
-        correct[d] = correct.get(d, 0) + (tokenizer.decode(out) == p["answer"])
-    model.train()
-    acc = {d: correct[d] / count[d] for d in sorted(count)}
-    acc["all"] = sum(correct.values()) / max(1, sum(count.values()))
-    return acc
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -338,13 +299,15 @@ class Trainer:
     """One run: where it runs (device, ranks), its model and optimizer, and its state (stage, step within
     it, tokens seen, best val loss), which is all a checkpoint needs besides the weights."""
 
-    def __init__(self, cfg, model_cfg, meta):
-        self.cfg, self.model_cfg, self.meta = cfg, model_cfg, meta
+    def __init__(self, cfg, model_cfg, tokenizer):
+        self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
+        self.meta = tokenizer.meta()  # what sample.py needs to rebuild the tokenizer
         self.setup_device()
         torch.manual_seed(cfg.seed + self.rank)
         self.stage_steps = [s.num_steps(self.world_size) for s in cfg.stages]
         self.corpora = list(dict.fromkeys(c for s in cfg.stages for c in s.mixture))
-        self.tokenizer = Tokenizer(meta)
+        self.problems = (evaluation.read_problems(cfg.arith_per_level)
+                         if "arith" in self.corpora and cfg.arith_per_level > 0 else [])
         self.raw_model = GPT(model_cfg, verbose=self.master).to(self.device)
         self.moes = self.raw_model.moe_layers()
         self.optimizer = self.raw_model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
@@ -447,14 +410,14 @@ class Trainer:
                     return self.finish(f"stopped by signal at global step {state['global_step']}; checkpoint "
                                        f"saved to {self.ckpt_path}. Run the same command again to resume.")
         return self.finish(f"run complete: {state['global_step']} steps, {state['tokens']:,} tokens. "
-                           f"Checkpoint: {self.ckpt_path}", plots=cfg.plots)
+                           f"Checkpoint: {self.ckpt_path}", complete=True)
 
     def begin_stage(self, s):
         """The stage's loader. At its first step, the stage's router settings and RoPE base take effect;
         resuming mid-stage, the checkpoint's stand (the sparsity controller may have moved top_p since)."""
         stage = self.cfg.stages[s]
-        loader = MixtureLoader(stage.mixture, stage.seq_len, stage.batch_size, seed=self.cfg.seed, rank=self.rank,
-                               world_size=self.world_size, stream=s)
+        loader = MixtureLoader(stage.mixture, self.cfg.tokenizer, stage.seq_len, stage.batch_size, seed=self.cfg.seed,
+                               rank=self.rank, world_size=self.world_size, stream=s)
         if self.state["step"] > 0:  # (a checkpoint at a stage boundary holds the previous stage's stream)
             loader.load_state_dict(self.loader_state)
             return loader
@@ -528,22 +491,32 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def evaluate(self, s, stage):
-        """Val loss per corpus (and arithmetic accuracy), logged; best.pt keeps the lowest mean val loss."""
+        """Val loss per corpus (and arithmetic accuracy), logged; best.pt keeps the lowest mean val bpb."""
         cfg, state = self.cfg, self.state
-        val = evaluate(self.raw_model, self.corpora, cfg.eval_seq_len, cfg.eval_batch_size, cfg.eval_iters,
-                       self.autocast)
-        record = {"kind": "eval", "step": state["global_step"], "tokens": state["tokens"], "stage": s, "val": val}
-        if "arith" in self.corpora and cfg.arith_problems > 0 and self.tokenizer.eot is not None:
-            record["arith_accuracy"] = arith_accuracy(self.raw_model, self.tokenizer, cfg.arith_problems, self.autocast)
+        nats, bpb = evaluation.val_loss(self.raw_model, self.tokenizer, self.corpora, cfg.eval_seq_len,
+                                        cfg.eval_batch_size, cfg.eval_iters, self.autocast)
+        record = {"kind": "eval", "step": state["global_step"], "tokens": state["tokens"], "stage": s,
+                  "val": nats, "val_bpb": bpb}
+        if self.problems:
+            record["arith_accuracy"] = evaluation.arith_accuracy(self.raw_model, self.tokenizer, self.problems,
+                                                                 self.autocast)
         self.log(record)
         tqdm.write(f"step {state['global_step']} stage {s} ({stage.name}): val " +
-                   ", ".join(f"{k} {v:.3f}" for k, v in val.items()) +
-                   (f", arith acc {record['arith_accuracy']['all']:.2f}" if "arith_accuracy" in record else ""))
-        mean_val = sum(val.values()) / len(val)
-        if state["best_val"] is None or mean_val < state["best_val"]:
-            state["best_val"] = mean_val
+                   ", ".join(f"{k} {nats[k]:.3f} ({bpb[k]:.3f} bpb)" for k in nats) +
+                   (f", arith exact match {record['arith_accuracy']['all']:.2f}" if self.problems else ""))
+        mean_bpb = sum(bpb.values()) / len(bpb)
+        if state["best_val"] is None or mean_bpb < state["best_val"]:
+            state["best_val"] = mean_bpb
             save_atomic({"model": self.raw_model.state_dict(), "model_config": dataclasses.asdict(self.model_cfg),
                          "meta": self.meta, "state": dict(state)}, self.best_path)
+
+    def show_what_was_learned(self):
+        with open(self.metrics_path) as f:
+            records = [json.loads(line) for line in f]
+        examples = [p for level in sorted({p["difficulty"] for p in self.problems})
+                    for p in [q for q in self.problems if q["difficulty"] == level][:2]]
+        lines = evaluation.show_samples(self.raw_model, self.tokenizer, self.corpora, examples, self.autocast)
+        print("\n".join(lines + [""] + stage_end_accuracy(records, self.cfg.stages)))
 
     def stop_requested(self):
         """Whether any rank got SIGINT/SIGTERM: all ranks must stop at the same step."""
@@ -565,23 +538,40 @@ class Trainer:
                          "train_config": dataclasses.asdict(self.cfg), "meta": self.meta, "state": dict(self.state),
                          "loader": loader.state_dict(), "rng": rngs, "world_size": self.world_size}, self.ckpt_path)
 
-    def finish(self, message, plots=False):
+    def finish(self, message, complete=False):
         self.bar.close()
         if self.master:
             print(message)
-            if plots:
+            if complete and self.cfg.plots:
                 import plot
                 plot.plot_run(self.cfg.out_dir)
+            if complete and self.cfg.samples:
+                self.show_what_was_learned()
         if self.ddp:
             dist.destroy_process_group()
 
 
+def stage_end_accuracy(records, stages):
+    """Lines of a table: arithmetic exact match per level at the end of each stage, from the eval records."""
+    last = {r["stage"]: r for r in records if r["kind"] == "eval" and "arith_accuracy" in r}
+    if not last:
+        return []
+    levels = sorted(next(iter(last.values()))["arith_accuracy"]["level"], key=int)
+    lines = ["arith exact match on held-out problems, at the end of each stage:",
+             f"  {'stage':<16}" + "".join(f"{'level ' + k:>9}" for k in levels) + f"{'all':>7}"]
+    for s, r in sorted(last.items()):
+        acc = r["arith_accuracy"]
+        lines.append(f"  {stages[s].name:<16}" + "".join(f"{acc['level'][k]:>9.0%}" for k in levels) +
+                     f"{acc['all']:>7.0%}")
+    return lines
+
+
 def main(argv):
     try:
-        cfg, model_cfg, meta = load_config(argv)
+        cfg, model_cfg, tokenizer = load_config(argv)
     except (cli.ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"config error: {e}")
-    Trainer(cfg, model_cfg, meta).run()
+    Trainer(cfg, model_cfg, tokenizer).run()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 # Offline it trains on the local corpora; with a network, prepare FineWeb-Edu with data/text/prepare.py
 # --name=fineweb --fineweb_docs=... and put it in the first stage's mixture.
 out_dir = "out/gpt2_124m"
+tokenizer = "gpt2"
 preset = "gpt2_124m"
 lr = 6e-4
 eval_interval = 250

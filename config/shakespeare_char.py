@@ -11,5 +11,6 @@ eval_interval = 250
 eval_iters = 20
 log_interval = 10
 ckpt_interval = 250
-stages = [dict(name="main", mixture={"shakespeare_char": 1.0}, steps=2000, seq_len=64, batch_size=12,
+tokenizer = "char"                 # the 65 characters of the text, as nanoGPT
+stages = [dict(name="main", mixture={"shakespeare": 1.0}, steps=2000, seq_len=64, batch_size=12,
                warmup=100, lr_start=1.0, lr_end=0.1, decay="cosine")]

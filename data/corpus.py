@@ -1,19 +1,28 @@
 """
 Corpora on disk, the offline tokenizers, and the loader that draws a stage's batches from a mixture.
 
-A corpus is a folder data/<name>/ holding train.bin and val.bin (flat uint16 token ids, documents separated
-by the end-of-text token) and meta.json (tokenizer, vocab size, token counts). Each folder's prepare.py
-writes them. A stage names a mixture, e.g. {"shakespeare": 0.7, "code": 0.3}: every sequence of a batch
-comes from one corpus, drawn with those weights, at a uniformly random offset.
+A corpus is a folder data/<name>/ whose prepare.py writes one tokenization per tokenizer it supports:
+data/<name>/<tokenizer>/ holds train.bin and val.bin (flat uint16 token ids, each document followed by the
+end-of-text token) and meta.json (the tokenizer, token and byte counts). A run names its tokenizer once and
+its stages name corpora, so every corpus of a run is read in the same tokenization: two can never mix.
+
+    byte   UTF-8 bytes: ids 0-255, end-of-text 256. Lossless for any text, 257 ids: the CPU track.
+    gpt2   GPT-2's BPE (50257 ids, end-of-text 50256), from data/gpt2.tiktoken: the GPU configs.
+    char   nanoGPT's shakespeare_char alphabet (65 characters, no end-of-text): the shakespeare corpus only.
+
+A stage names a mixture, e.g. {"shakespeare": 0.7, "code": 0.3}: every sequence of a batch comes from one
+corpus, drawn with those weights, at a uniformly random offset.
 """
 
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+TOKENIZERS = ("byte", "gpt2", "char")
 
 # GPT-2's BPE (tiktoken's "r50k_base"), loaded from the ranks file in this folder: tiktoken.get_encoding
 # would download it, which fails without a network.
@@ -21,6 +30,7 @@ GPT2_RANKS = os.path.join(DATA_DIR, "gpt2.tiktoken")
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT = 50256
+BYTE_EOT = 256
 
 
 def gpt2_encoding():
@@ -32,93 +42,159 @@ def gpt2_encoding():
 
 
 class Tokenizer:
-    """encode/decode for the tokenizer a corpus's meta.json names: "gpt2" (BPE) or "char" (its alphabet)."""
+    """encode/decode for one of TOKENIZERS. decode never raises: an id the tokenizer does not have, or a
+    multi-byte character cut off by sampling, shows as the replacement character U+FFFD."""
 
-    def __init__(self, meta):
-        self.name = meta["tokenizer"]
-        if self.name == "gpt2":
+    def __init__(self, name, chars=None):
+        if name not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {name!r}; known: {', '.join(TOKENIZERS)}")
+        self.name = name
+        if name == "byte":
+            self.eot, self.vocab_size = BYTE_EOT, BYTE_EOT + 1
+        elif name == "gpt2":
             self.enc = gpt2_encoding()
             self.eot, self.vocab_size = GPT2_EOT, self.enc.n_vocab
-        elif self.name == "char":
-            self.chars = meta["chars"]
-            self.stoi = {ch: i for i, ch in enumerate(self.chars)}
-            self.eot, self.vocab_size = None, len(self.chars)
         else:
-            raise ValueError(f"unknown tokenizer {self.name!r} in meta.json (known: gpt2, char)")
+            if not chars:
+                raise ValueError("the char tokenizer needs its alphabet (chars)")
+            self.chars, self.stoi = list(chars), {ch: i for i, ch in enumerate(chars)}
+            self.eot, self.vocab_size = None, len(self.chars)
+
+    @classmethod
+    def from_meta(cls, meta):
+        return cls(meta["tokenizer"], meta.get("chars"))
+
+    def meta(self):
+        """What meta.json and checkpoints record to rebuild this tokenizer."""
+        return {"tokenizer": self.name, "vocab_size": self.vocab_size,
+                **({"chars": self.chars} if self.name == "char" else {})}
 
     def encode(self, text):
+        if self.name == "byte":
+            return list(text.encode("utf-8"))
         if self.name == "gpt2":
             return self.enc.encode_ordinary(text)
         unknown = sorted(set(text) - set(self.stoi))
         if unknown:
-            raise ValueError(f"characters not in this corpus's alphabet: {''.join(unknown)!r}")
+            raise ValueError(f"characters not in the char tokenizer's alphabet: {''.join(unknown)!r}")
         return [self.stoi[ch] for ch in text]
 
+    def encode_document(self, text):
+        """A document as training sees it: its tokens, then end-of-text (if the tokenizer has one)."""
+        return self.encode(text) + ([self.eot] if self.eot is not None else [])
+
     def decode(self, ids):
+        ids = [int(i) for i in ids]
+        if self.name == "byte":  # end-of-text shows as GPT-2 shows it; a cut UTF-8 sequence as U+FFFD
+            text, run = [], bytearray()
+            for i in ids:
+                if 0 <= i < 256:
+                    run.append(i)
+                    continue
+                text += [run.decode("utf-8", errors="replace"), "<|endoftext|>" if i == BYTE_EOT else "\ufffd"]
+                run = bytearray()
+            return "".join(text) + run.decode("utf-8", errors="replace")
         if self.name == "gpt2":
-            return self.enc.decode(list(ids))
-        return "".join(self.chars[i] for i in ids)
+            return self.enc.decode([i if 0 <= i < self.vocab_size else GPT2_EOT for i in ids], errors="replace")
+        return "".join(self.chars[i] if 0 <= i < self.vocab_size else "\ufffd" for i in ids)
+
+    def token_bytes(self):
+        """UTF-8 bytes of each id's text (0 for end-of-text): the denominator of bits per byte."""
+        if self.name == "byte":
+            return [1] * 256 + [0]
+        if self.name == "gpt2":
+            return [len(self.enc.decode_single_token_bytes(i)) if i != GPT2_EOT else 0 for i in range(self.vocab_size)]
+        return [len(ch.encode("utf-8")) for ch in self.chars]
 
 
 # -----------------------------------------------------------------------------------------------------
 # Writing and reading corpora
 
+@dataclass
+class PrepareConfig:
+    tokenizer: str = "all"               # "byte", "gpt2", "char", or "all" that the corpus supports
+
+
+def tokenizer_names(choice, supported, corpus):
+    """The tokenizers a prepare script writes for --tokenizer=choice."""
+    if choice == "all":
+        return list(supported)
+    if choice not in supported:
+        raise SystemExit(f"corpus {corpus!r} has no {choice!r} tokenization; it supports {', '.join(supported)}")
+    return [choice]
+
+
 def corpus_dir(name):
     return os.path.join(DATA_DIR, name)
 
 
-def write_corpus(name, train_ids, val_ids, meta, directory=None):
-    """Write train.bin, val.bin (uint16) and meta.json for a corpus."""
-    directory = directory or corpus_dir(name)
+def prepared_dir(name, tokenizer):
+    return os.path.join(DATA_DIR, name, tokenizer)
+
+
+def write_corpus(name, tokenizer, train_docs, val_docs, meta=None, directory=None):
+    """Tokenize documents with `tokenizer` (a Tokenizer) and write train.bin, val.bin (uint16) and
+    meta.json to data/<name>/<tokenizer>/ (or `directory`)."""
+    directory = directory or prepared_dir(name, tokenizer.name)
     os.makedirs(directory, exist_ok=True)
-    for split, ids in (("train", train_ids), ("val", val_ids)):
+    counts = {}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        ids, n_bytes = [], 0
+        for doc in docs:
+            ids += tokenizer.encode_document(doc)
+            n_bytes += len(doc.encode("utf-8"))
         arr = np.asarray(ids, dtype=np.int64)
         if arr.size and (arr.min() < 0 or arr.max() >= 2 ** 16):
             raise ValueError(f"token ids must fit in uint16; got range [{arr.min()}, {arr.max()}]")
         arr.astype(np.uint16).tofile(os.path.join(directory, f"{split}.bin"))
-    meta = {**meta, "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
+        counts.update({f"{split}_tokens": len(ids), f"{split}_bytes": n_bytes})
+    meta = {**tokenizer.meta(), **(meta or {}), **counts}
     with open(os.path.join(directory, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    print(f"{name}: {len(train_ids):,} train tokens, {len(val_ids):,} val tokens -> {directory}")
+    print(f"{name} ({tokenizer.name}): {counts['train_tokens']:,} train tokens, {counts['val_tokens']:,} val "
+          f"tokens -> {directory}")
     return meta
 
 
 def available_corpora():
-    return sorted(d for d in os.listdir(DATA_DIR)
-                  if os.path.isfile(os.path.join(DATA_DIR, d, "prepare.py"))
-                  or os.path.isfile(os.path.join(DATA_DIR, d, "meta.json")))
+    return sorted(d for d in os.listdir(DATA_DIR) if os.path.isfile(os.path.join(DATA_DIR, d, "prepare.py"))
+                  or any(os.path.isfile(os.path.join(DATA_DIR, d, t, "meta.json")) for t in TOKENIZERS))
 
 
-def read_meta(name):
-    """meta.json of a prepared corpus, or a clear error saying what to run."""
-    directory = corpus_dir(name)
-    if not os.path.isdir(directory):
+def read_meta(name, tokenizer):
+    """meta.json of a corpus prepared for `tokenizer`, or a clear error saying what to run."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; known: {', '.join(TOKENIZERS)}")
+    if not os.path.isdir(corpus_dir(name)):
         raise FileNotFoundError(f"unknown corpus {name!r}; corpora in {DATA_DIR}: {', '.join(available_corpora())}")
+    directory = prepared_dir(name, tokenizer)
     for file in ("meta.json", "train.bin", "val.bin"):
         if not os.path.isfile(os.path.join(directory, file)):
-            how = (f"python data/{name}/prepare.py" if os.path.isfile(os.path.join(directory, "prepare.py"))
-                   else f"python data/text/prepare.py --name={name} FILES...")
-            raise FileNotFoundError(f"corpus {name!r} is not prepared ({file} is missing): run `{how}` "
-                                    f"(or `python data/prepare.py` for all offline corpora)")
+            how = (f"python data/{name}/prepare.py --tokenizer={tokenizer}"
+                   if os.path.isfile(os.path.join(corpus_dir(name), "prepare.py"))
+                   else f"python data/text/prepare.py --name={name} --tokenizer={tokenizer} FILES...")
+            raise FileNotFoundError(f"corpus {name!r} is not prepared for the {tokenizer} tokenizer ({file} is "
+                                    f"missing): run `{how}` (or `python data/prepare.py` for all offline corpora)")
     with open(os.path.join(directory, "meta.json")) as f:
         return json.load(f)
 
 
-def mixture_tokenizer(names):
-    """The one meta all corpora of a mixture share; mixing tokenizers is an error."""
-    metas = {name: read_meta(name) for name in names}
-    kinds = {(m["tokenizer"], m["vocab_size"]) for m in metas.values()}
-    if len(kinds) > 1:
-        listing = ", ".join(f"{n}: {m['tokenizer']} ({m['vocab_size']})" for n, m in metas.items())
-        raise ValueError(f"all corpora of a run must share one tokenizer; got {listing}")
-    return next(iter(metas.values()))
+def mixture_tokenizer(names, tokenizer):
+    """The one Tokenizer the corpora of a run share (char alphabets, made per corpus, must agree)."""
+    metas = {name: read_meta(name, tokenizer) for name in names}
+    alphabets = {tuple(m.get("chars", ())) for m in metas.values()}
+    if len(alphabets) > 1:
+        raise ValueError(f"the char tokenizer's alphabet differs between corpora {', '.join(metas)}: "
+                         f"use the byte tokenizer to mix them")
+    return Tokenizer.from_meta(next(iter(metas.values())))
 
 
 # -----------------------------------------------------------------------------------------------------
 # Drawing batches
 
 class MixtureLoader:
-    """Batches of (x, y) int64 (batch_size, seq_len), y = x shifted by one, from a weighted mixture.
+    """Batches of (x, y) int64 (batch_size, seq_len), y = x shifted by one, from a weighted mixture of
+    corpora in one tokenization.
 
     Every call draws one global micro-batch of batch_size * world_size rows from a stream seeded by
     (seed, stream), row by row, and rank r keeps rows r*batch_size .. (r+1)*batch_size - 1. So the ranks
@@ -127,24 +203,31 @@ class MixtureLoader:
     random state, so a resumed run continues with exactly the batch it would have drawn next.
     """
 
-    def __init__(self, mixture, seq_len, batch_size, split="train", seed=0, rank=0, world_size=1, stream=0):
+    def __init__(self, mixture, tokenizer, seq_len, batch_size, split="train", seed=0, rank=0, world_size=1,
+                 stream=0):
         if not isinstance(mixture, dict) or not mixture:
             raise ValueError(f"a mixture must be a non-empty dict corpus -> weight; got {mixture!r}")
         for name, weight in mixture.items():
             if not isinstance(weight, (int, float)) or not weight > 0:
                 raise ValueError(f"mixture weight of {name!r} must be a positive number; got {weight!r}")
-        self.meta = mixture_tokenizer(list(mixture))
+        self.tokenizer = mixture_tokenizer(list(mixture), tokenizer)
         self.names = list(mixture)
         weights = np.array([mixture[n] for n in self.names], dtype=np.float64)
         self.weights = weights / weights.sum()
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
-        self.data = {}
-        for name in self.names:
-            arr = np.memmap(os.path.join(corpus_dir(name), f"{split}.bin"), dtype=np.uint16, mode="r")
-            if len(arr) <= seq_len + 1:
-                raise ValueError(f"{split} split of {name!r} has {len(arr)} tokens, too few for seq_len {seq_len}")
-            self.data[name] = arr
+        self.data = {name: self.open(name, tokenizer, split) for name in self.names}
         self.rng = np.random.default_rng([seed, stream])
+
+    def open(self, name, tokenizer, split):
+        path = os.path.join(prepared_dir(name, tokenizer), f"{split}.bin")
+        expected = read_meta(name, tokenizer)[f"{split}_tokens"]
+        if os.path.getsize(path) != 2 * expected:
+            raise ValueError(f"{path} holds {os.path.getsize(path)} bytes but meta.json counts {expected} tokens "
+                             f"({2 * expected} bytes): the file is truncated or stale; prepare the corpus again")
+        if expected <= self.seq_len + 1:
+            raise ValueError(f"the {split} split of {name!r} has {expected} tokens, too few for seq_len "
+                             f"{self.seq_len}: it needs at least {self.seq_len + 2}")
+        return np.memmap(path, dtype=np.uint16, mode="r")
 
     def next_batch(self):
         """Returns x, y and the index (into self.names) of the corpus each row came from."""

@@ -1,5 +1,5 @@
-"""Prepare every offline corpus (shakespeare_char, shakespeare, code, arith) that is not prepared yet.
-Run: python data/prepare.py [--force]"""
+"""Prepare every offline corpus (shakespeare, code, arith) in every tokenization it supports, unless it is
+prepared already. Run: python data/prepare.py [--force]"""
 import os
 import runpy
 import sys
@@ -11,18 +11,18 @@ import cli  # noqa: E402
 
 
 @dataclass
-class PrepareConfig:
+class PrepareAllConfig:
     force: bool = False              # prepare again even the corpora that are prepared already
 
 
 try:
-    force = cli.build(PrepareConfig, cli.parse(sys.argv[1:], PrepareConfig, allow_file=False)).force
+    force = cli.build(PrepareAllConfig, cli.parse(sys.argv[1:], PrepareAllConfig, allow_file=False)).force
 except cli.ConfigError as e:
     sys.exit(f"argument error: {e}")
-for name in ("shakespeare_char", "shakespeare", "code", "arith"):
-    if force or not os.path.isfile(os.path.join(here, name, "meta.json")):
+for name in ("shakespeare", "code", "arith"):
+    if force or not all(os.path.isfile(os.path.join(here, name, t, "meta.json")) for t in ("byte", "gpt2")):
         script = os.path.join(here, name, "prepare.py")
-        sys.argv = [script]  # each script reads its own (default) arguments
+        sys.argv = [script]  # each script's defaults: every tokenizer it supports
         runpy.run_path(script, run_name="__main__")
     else:
         print(f"{name}: already prepared")

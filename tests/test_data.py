@@ -1,11 +1,20 @@
+import json
+import math
 import os
+import random
 import re
+import shutil
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import torch
 
-from data.corpus import MixtureLoader, Tokenizer, gpt2_encoding, read_meta, write_corpus
+from data.corpus import (BYTE_EOT, MixtureLoader, Tokenizer, gpt2_encoding, mixture_tokenizer, prepared_dir, read_meta,
+                         write_corpus)
+from evaluation import arith_accuracy, bits_per_byte, read_problems, scoring_split
 
 
 @pytest.fixture
@@ -21,18 +30,41 @@ def test_gpt2_tokenizer_offline(offline, corpora):
     assert enc.encode_ordinary("hello world") == [31373, 995]
     text = "To be, or not to be: that is the question.\n  def f(x): return x ** 2"
     assert enc.decode(enc.encode_ordinary(text)) == text
-    with open(os.path.join(corpora, "data", "shakespeare_char", "input.txt"), encoding="utf-8") as f:
+    with open(os.path.join(corpora, "data", "shakespeare", "input.txt"), encoding="utf-8") as f:
         assert len(enc.encode_ordinary(f.read())) == 338025
     assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
 
 
-def test_char_tokenizer_round_trip(corpora):
-    tok = Tokenizer(read_meta("shakespeare_char"))
-    assert tok.vocab_size == 65 and tok.decode(tok.encode("ROMEO: hi!")) == "ROMEO: hi!"
+def random_unicode(rng, n):
+    """Characters from every UTF-8 length: ASCII, Latin, CJK, emoji (surrogates excluded)."""
+    ranges = [(0x20, 0x7E), (0xA0, 0x7FF), (0x800, 0xD7FF), (0xE000, 0xFFFD), (0x10000, 0x10FFFF)]
+    return "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(n))
+
+
+def test_byte_tokenizer_is_lossless_and_never_raises():
+    tok, rng = Tokenizer("byte"), random.Random(0)
+    for _ in range(200):
+        text = random_unicode(rng, rng.randint(0, 40))
+        ids = tok.encode(text)
+        assert ids == list(text.encode("utf-8")) and tok.decode(ids) == text
+        assert tok.encode_document(text) == ids + [BYTE_EOT]
+    cut = tok.encode("naïve 日本")[:-1]                 # sampling stopped inside the last character
+    assert tok.decode(cut) == "naïve 日\ufffd"
+    assert tok.decode([104, 105, BYTE_EOT, 300, 104]) == "hi<|endoftext|>\ufffdh"  # 300: a padding id
+    assert tok.vocab_size == 257 and sum(tok.token_bytes()) == 256
+
+
+def test_char_and_gpt2_tokenizers_decode_padding_ids(corpora):
+    char = Tokenizer.from_meta(read_meta("shakespeare", "char"))
+    assert char.vocab_size == 65 and char.decode(char.encode("ROMEO: hi!")) == "ROMEO: hi!"
+    assert char.decode([0, 100]) == "\n\ufffd"
+    gpt2 = Tokenizer("gpt2")
+    assert gpt2.decode([31373, 50300]) == "hello<|endoftext|>"
+    assert gpt2.token_bytes()[31373] == 5 and gpt2.token_bytes()[50256] == 0
 
 
 def test_mixture_shares(corpora):
-    loader = MixtureLoader({"shakespeare": 0.6, "code": 0.3, "arith": 0.1}, seq_len=8, batch_size=100)
+    loader = MixtureLoader({"shakespeare": 0.6, "code": 0.3, "arith": 0.1}, "gpt2", seq_len=8, batch_size=100)
     counts = np.zeros(3)
     for _ in range(100):  # 10,000 draws
         _, _, source = loader.next_batch()
@@ -41,87 +73,166 @@ def test_mixture_shares(corpora):
     assert np.all(np.abs(shares - [0.6, 0.3, 0.1]) < 0.02), shares
 
 
-def test_batches_are_shifted_slices_of_the_corpus(corpora):
-    loader = MixtureLoader({"shakespeare": 1.0}, seq_len=16, batch_size=4)
+@pytest.mark.parametrize("tokenizer", ["byte", "gpt2", "char"])
+def test_batches_are_shifted_slices_of_the_corpus(corpora, tokenizer):
+    loader = MixtureLoader({"shakespeare": 1.0}, tokenizer, seq_len=16, batch_size=4)
     x, y, _ = loader.next_batch()
     assert x.shape == y.shape == (4, 16)
     assert (x[:, 1:] == y[:, :-1]).all()
-    data = np.memmap(os.path.join(corpora, "data", "shakespeare", "train.bin"), dtype=np.uint16, mode="r")
-    row = x[0].numpy()
-    starts = np.flatnonzero(data[:-16] == row[0])
-    assert any((data[s:s + 16] == row).all() for s in starts)
+    with open(os.path.join(corpora, "data", "shakespeare", "input.txt"), encoding="utf-8") as f:
+        assert loader.tokenizer.decode(x[0].tolist()) in f.read()
 
 
 def test_ranks_differ_and_state_restores(corpora):
-    a = MixtureLoader({"shakespeare": 1.0, "code": 1.0}, 16, 4, seed=1, rank=0, world_size=2)
-    b = MixtureLoader({"shakespeare": 1.0, "code": 1.0}, 16, 4, seed=1, rank=1, world_size=2)
+    a = MixtureLoader({"shakespeare": 1.0, "code": 1.0}, "byte", 16, 4, seed=1, rank=0, world_size=2)
+    b = MixtureLoader({"shakespeare": 1.0, "code": 1.0}, "byte", 16, 4, seed=1, rank=1, world_size=2)
     xa, xb = a.next_batch()[0], b.next_batch()[0]
     assert not np.array_equal(xa, xb)
     # The two ranks' rows together are the global batch one process draws with world_size=1.
-    single = MixtureLoader({"shakespeare": 1.0, "code": 1.0}, 16, 8, seed=1)
+    single = MixtureLoader({"shakespeare": 1.0, "code": 1.0}, "byte", 16, 8, seed=1)
     assert np.array_equal(single.next_batch()[0], np.concatenate([xa, xb]))
     state = a.state_dict()
     expected = a.next_batch()
-    c = MixtureLoader({"shakespeare": 1.0, "code": 1.0}, 16, 4, seed=99, rank=0)
+    c = MixtureLoader({"shakespeare": 1.0, "code": 1.0}, "byte", 16, 4, seed=99, rank=0)
     c.load_state_dict(state)
     got = c.next_batch()
     assert all(np.array_equal(e, g) for e, g in zip(expected, got))
 
 
-def test_arith_answers_and_difficulty(corpora):
-    import json
-    with open(os.path.join(corpora, "data", "arith", "val_problems.jsonl")) as f:
-        problems = [json.loads(line) for line in f]
-    assert len(problems) > 100
+# -----------------------------------------------------------------------------------------------------
+# The arithmetic benchmark
+
+def documents(tokenizer, split):
+    """The documents of the prepared arith corpus, as training reads them: token lists cut at end-of-text."""
+    data = np.fromfile(os.path.join(prepared_dir("arith", tokenizer), f"{split}.bin"), dtype=np.uint16).tolist()
+    eot = Tokenizer(tokenizer).eot
+    docs, start = [], 0
+    for i, t in enumerate(data):
+        if t == eot:
+            docs.append(data[start:i + 1])
+            start = i + 1
+    return docs
+
+
+def test_arith_val_problems_are_right_and_graded(corpora):
+    problems = read_problems()
+    assert {p["difficulty"] for p in problems} == {1, 2, 3, 4, 5}
     for p in problems:
         a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)=", p["prompt"]).groups()
-        assert op == p["op"]
-        a, b = int(a), int(b)
-        assert str({"+": a + b, "-": a - b, "*": a * b}[p["op"]]) == p["answer"]
-        assert p["difficulty"] == max(len(str(a)), len(str(b)))
-    assert {p["difficulty"] for p in problems} == {1, 2, 3, 4}
-    tok = Tokenizer(read_meta("arith"))
-    data = np.fromfile(os.path.join(corpora, "data", "arith", "val.bin"), dtype=np.uint16)
-    first = tok.decode(data[:list(data).index(tok.eot)].tolist())
-    assert first == problems[0]["prompt"] + problems[0]["answer"]
+        assert op == p["op"] and str({"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]) == p["answer"]
+        longer = max(len(a), len(b))
+        assert (op == "*" and p["difficulty"] == 5 and longer == 2) or (op != "*" and p["difficulty"] == longer)
+    assert len({p["prompt"] for p in problems}) == len(problems)
+    assert sum(p["answer"].startswith("-") for p in problems) > 100  # negative answers are in the benchmark
 
+
+def test_arith_val_is_held_out_from_train_beyond_level_1(corpora):
+    tok = Tokenizer("byte")
+    train = {tok.decode(doc[:-1]).split("=")[0] + "=" for doc in documents("byte", "train")}
+    problems = read_problems()
+    shared = {p["difficulty"] for p in problems if p["prompt"] in train}
+    assert shared == {1}  # all 200 one-digit problems are both train and val; nothing else is
+    assert len(train) > 50_000
+
+
+class Oracle:
+    """A 'model' that continues any prefix exactly as the corpus's val documents do: it finds the document
+    that starts with the context (after its end-of-text) and emits the rest of it."""
+
+    def __init__(self, docs, vocab):
+        self.docs, self.wte = docs, torch.nn.Embedding(1, 1)
+        self.vocab = vocab
+
+    def eval(self):
+        return self
+
+    train = eval
+
+    def generate(self, idx, max_new_tokens, temperature, vocab_size=None):
+        rows = []
+        for row in idx.tolist():
+            doc = next(d for d in self.docs if d[:len(row) - 1] == row[1:])
+            rest = doc[len(row) - 1:] + [0] * max_new_tokens
+            rows.append(row + rest[:max_new_tokens])
+        return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
+def test_an_oracle_scores_100_percent_at_every_level(corpora, tokenizer):
+    tok, problems = Tokenizer(tokenizer), read_problems(60)
+    oracle = Oracle(documents(tokenizer, "val"), tok.vocab_size)
+    acc = arith_accuracy(oracle, tok, problems, torch.autocast("cpu", enabled=False))
+    assert acc["all"] == 1.0 and set(acc["level"].values()) == {1.0} and set(acc["op"].values()) == {1.0}
+    # A prompt encoded on its own would not match training under GPT-2: "=-" is one token there.
+    if tokenizer == "gpt2":
+        context, expected = scoring_split(tok, "3-7=", "-4")
+        assert tok.decode(context[1:] + expected) == "3-7=-4<|endoftext|>" and tok.decode(context[1:]) == "3-7"
+
+
+def test_bits_per_byte_by_hand():
+    token_bytes = torch.tensor([1, 2, 0])             # id 2 is end-of-text: no bytes, not counted
+    loss = torch.tensor([[1.0, 2.0, 5.0], [3.0, 0.5, 0.5]])
+    targets = torch.tensor([[0, 1, 2], [1, 0, 0]])
+    expected = (1.0 + 2.0 + 3.0 + 0.5 + 0.5) / math.log(2) / (1 + 2 + 2 + 1 + 1)
+    assert bits_per_byte(loss, targets, token_bytes) == pytest.approx(expected)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Bad input
 
 def test_bad_inputs(corpora, tmp_path):
     with pytest.raises(FileNotFoundError, match="unknown corpus"):
-        MixtureLoader({"no_such_corpus": 1.0}, 8, 2)
+        MixtureLoader({"no_such_corpus": 1.0}, "byte", 8, 2)
     with pytest.raises(ValueError, match="positive"):
-        MixtureLoader({"shakespeare": 0}, 8, 2)
+        MixtureLoader({"shakespeare": 0}, "byte", 8, 2)
     with pytest.raises(ValueError, match="non-empty"):
-        MixtureLoader({}, 8, 2)
-    with pytest.raises(ValueError, match="one tokenizer"):
-        MixtureLoader({"shakespeare": 1.0, "shakespeare_char": 1.0}, 8, 2)
-    os.makedirs(os.path.join(corpora, "data", "text"), exist_ok=True)
+        MixtureLoader({}, "byte", 8, 2)
+    with pytest.raises(FileNotFoundError, match="not prepared for the char tokenizer"):
+        mixture_tokenizer(["shakespeare", "code"], "char")  # one tokenization per run, by construction
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        MixtureLoader({"shakespeare": 1.0}, "bpe", 8, 2)
     with pytest.raises(FileNotFoundError, match="prepare.py"):
-        read_meta("text")  # has a prepare.py but no prepared files
+        read_meta("text", "byte")  # has a prepare.py but no prepared files
+
+
+def test_a_truncated_or_tiny_split_is_refused(corpora, tmp_path, monkeypatch):
+    import data.corpus as corpus
+    monkeypatch.setattr(corpus, "DATA_DIR", str(tmp_path))
+    os.makedirs(tmp_path / "tiny")
+    write_corpus("tiny", Tokenizer("byte"), ["a long enough training document"], ["short"])
+    with pytest.raises(ValueError, match="too few for seq_len 8"):
+        MixtureLoader({"tiny": 1.0}, "byte", 8, 2, split="val")
+    path = tmp_path / "tiny" / "byte" / "train.bin"
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="truncated"):
+        MixtureLoader({"tiny": 1.0}, "byte", 8, 2)
 
 
 def test_generic_text_prepare(corpora, tmp_path):
-    import json
-    import shutil
-    import subprocess
-    import sys
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"text": f"document number {i}"}) for i in range(40)))
     name = "pytest_tmp_corpus"
     try:
         subprocess.run([sys.executable, "data/text/prepare.py", f"--name={name}", str(docs)], cwd=corpora,
                        check=True, capture_output=True)
-        meta = read_meta(name)
-        assert meta["documents"] == 40 and meta["tokenizer"] == "gpt2"
-        x, _, _ = MixtureLoader({name: 1.0}, 4, 2).next_batch()
-        assert x.shape == (2, 4)
+        for tokenizer in ("byte", "gpt2"):
+            meta = read_meta(name, tokenizer)
+            assert meta["documents"] == 40 and meta["tokenizer"] == tokenizer
+            x, _, _ = MixtureLoader({name: 1.0}, tokenizer, 4, 2).next_batch()
+            assert x.shape == (2, 4)
         bad = subprocess.run([sys.executable, "data/text/prepare.py", "--name=x", str(tmp_path / "none.txt")],
                              cwd=corpora, capture_output=True, text=True)
         assert bad.returncode != 0 and "no such file" in bad.stderr
+        builtin = subprocess.run([sys.executable, "data/text/prepare.py", "--name=shakespeare", str(docs)],
+                                 cwd=corpora, capture_output=True, text=True)
+        assert builtin.returncode != 0 and "--overwrite" in builtin.stderr
     finally:
         shutil.rmtree(os.path.join(corpora, "data", name), ignore_errors=True)
 
 
 def test_write_corpus_rejects_large_ids(tmp_path):
+    class Wide(Tokenizer):
+        def encode(self, text):
+            return [70000]
     with pytest.raises(ValueError, match="uint16"):
-        write_corpus("x", [70000], [1], {"tokenizer": "gpt2", "vocab_size": 1}, directory=str(tmp_path))
+        write_corpus("x", Wide("byte"), ["a"], ["b"], directory=str(tmp_path))

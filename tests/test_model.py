@@ -115,6 +115,19 @@ def test_presets_build():
     GPT(preset("tiny", vocab_size=128), verbose=False)
 
 
+@torch.no_grad()
+def test_generation_never_produces_padding_ids():
+    # A model whose padding ids (past the tokenizer's 90) have by far the largest logits.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL), verbose=False).eval()
+    model.lm_head.register_forward_hook(lambda module, args, out: out + 100.0 * (torch.arange(101) >= 90))
+    prompt = torch.zeros(4, 2, dtype=torch.long)
+    assert (model.generate(prompt, 10, temperature=0)[:, 2:] >= 90).all()  # (what happens without the limit)
+    for temperature, top_k, top_p in ((0, None, None), (1.0, None, None), (1.0, 5, None), (1.5, None, 0.9)):
+        out = model.generate(prompt, 10, temperature, top_k, top_p, vocab_size=90)
+        assert (out[:, 2:] < 90).all()
+
+
 def allowed_tokens(row, top_k, top_p):
     """The tokens sampling may pick from probabilities `row`: the top_k most likely (ties to the lower id),
     then, renormalised, the shortest prefix whose mass reaches top_p."""

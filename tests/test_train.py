@@ -12,10 +12,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(n_layer=4, n_head=2, n_kv_head=1, n_embd=32, block_size=64, window=8, attn_pattern="LG",
             share_kv=True, n_experts=4, expert_hidden=16, mlp_hidden=64, compile=False, plots=False,
-            eval_iters=1, arith_problems=4, seed=7)
+            eval_iters=1, arith_per_level=2, seed=7, tokenizer="char")
 STAGES = [
-    dict(name="one", mixture={"shakespeare_char": 1.0}, steps=8, seq_len=32, batch_size=4, warmup=2, lr_end=0.5),
-    dict(name="two", mixture={"shakespeare_char": 1.0}, steps=6, seq_len=48, batch_size=2, lr_end=0.1,
+    dict(name="one", mixture={"shakespeare": 1.0}, steps=8, seq_len=32, batch_size=4, warmup=2, lr_end=0.5),
+    dict(name="two", mixture={"shakespeare": 1.0}, steps=6, seq_len=48, batch_size=2, lr_end=0.1,
          decay="cosine", router={"top_p": 0.7}, rope_base=50000.0),
 ]
 
@@ -48,7 +48,7 @@ def test_every_stage_ends_at_its_lr_end():
 
 
 def test_ddp_two_ranks_match_one_process_with_double_accumulation(corpora, tmp_path):
-    stages = [dict(name="s", mixture={"shakespeare_char": 1.0}, steps=6, seq_len=32, batch_size=2, grad_accum=a)
+    stages = [dict(name="s", mixture={"shakespeare": 1.0}, steps=6, seq_len=32, batch_size=2, grad_accum=a)
               for a in (1, 2)]
     ddp_cfg = write_config(tmp_path / "ddp.py", tmp_path / "ddp", stages=[stages[0]])
     one_cfg = write_config(tmp_path / "one.py", tmp_path / "one", stages=[stages[1]])
@@ -113,7 +113,7 @@ def test_stage_transitions_happen_at_the_configured_step(corpora, tmp_path):
 
 
 def stage(**settings):
-    return {"name": "a", "mixture": {"shakespeare_char": 1}, "steps": 3, "seq_len": 16, **settings}
+    return {"name": "a", "mixture": {"shakespeare": 1}, "steps": 3, "seq_len": 16, **settings}
 
 
 def stages_arg(*stages):
@@ -172,9 +172,10 @@ def test_resume_at_a_stage_boundary_and_the_routing_travels(corpora, tmp_path, m
     stages = [STAGES[0], {**STAGES[1], "router": {"routing": "top_k", "top_k": 3}}]
     torch.set_num_threads(1)  # in-process runs, compared bit for bit
     evals = []
-    real_evaluate = train.evaluate
-    monkeypatch.setattr(train, "evaluate", lambda model, corpora, seq_len, batch_size, *rest:
-                        evals.append((seq_len, batch_size)) or real_evaluate(model, corpora, seq_len, batch_size, *rest))
+    real_val_loss = train.evaluation.val_loss
+    monkeypatch.setattr(train.evaluation, "val_loss", lambda model, tok, corpora, seq_len, batch_size, *rest:
+                        evals.append((seq_len, batch_size)) or real_val_loss(model, tok, corpora, seq_len, batch_size,
+                                                                             *rest))
     train.main([write_config(tmp_path / "a.py", tmp_path / "a", stages=stages, ckpt_interval=1000)])
     assert evals == [(48, 8), (48, 8)]  # the same val batches at every evaluation, whatever the stage's shape
 
@@ -198,6 +199,28 @@ def test_resume_at_a_stage_boundary_and_the_routing_travels(corpora, tmp_path, m
     assert all(m.config.routing == "top_k" and m.config.top_k == 3 for m in model.moe_layers())
     _, _, parts = model(torch.zeros(1, 5, dtype=torch.long), parts=True)
     assert all((r.experts_per_token == 3).all() for r in parts.routing)
+
+    # The vocabulary is padded from 65 to 128 ids; sampling never picks a padding id, so decoding works.
+    shown = run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'b'}", "--start=ROMEO:", "--max_new_tokens=30",
+                 "--temperature=2.0", "--show_experts"])
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "\x1b[48;2;" in shown.stdout and (tmp_path / "b" / "experts.png").stat().st_size > 1000
+
+
+def test_a_byte_level_run_shows_what_it_learned(corpora, tmp_path):
+    stages = [dict(name="mixed", mixture={"shakespeare": 1.0, "code": 0.5, "arith": 1.0}, steps=4, seq_len=32,
+                   batch_size=4),
+              dict(name="last", mixture={"arith": 1.0}, steps=2, seq_len=32, batch_size=4)]
+    config = write_config(tmp_path / "s.py", tmp_path / "s", stages=stages, tokenizer="byte", samples=True)
+    result = run([sys.executable, "train.py", config])
+    assert result.returncode == 0, result.stderr[-2000:]
+    for text in ("--- shakespeare ---", "--- code ---", "--- arith", "level 5:", "at the end of each stage",
+                 "mixed", "last"):
+        assert text in result.stdout, text
+    evals = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert set(evals[-1]["val_bpb"]) == {"shakespeare", "code", "arith"}
+    assert set(evals[-1]["arith_accuracy"]["level"]) == {"1", "2", "3", "4", "5"}
 
 
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(corpora, tmp_path, monkeypatch):
@@ -268,7 +291,7 @@ def test_checkpoints_load_without_running_code(corpora, tmp_path):
 
 
 def test_sigterm_saves_and_exits_cleanly(corpora, tmp_path):
-    long_stage = [dict(name="long", mixture={"shakespeare_char": 1.0}, steps=100000, seq_len=32, batch_size=4)]
+    long_stage = [dict(name="long", mixture={"shakespeare": 1.0}, steps=100000, seq_len=32, batch_size=4)]
     config = write_config(tmp_path / "t.py", tmp_path / "t", stages=long_stage, ckpt_interval=100000)
     proc = subprocess.Popen([sys.executable, "train.py", config], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

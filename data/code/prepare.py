@@ -1,8 +1,8 @@
-"""Python source from the local standard library (present on every machine), GPT-2 BPE.
+"""Python source from the local standard library (present on every machine).
 
 Files are taken in sorted path order (tests and vendored packages skipped) until --max_bytes; each file is one
-document ending with the end-of-text token; every 10th file goes to val. Deterministic for a given Python.
-Run: python data/code/prepare.py [--max_bytes=3000000]"""
+document; every 10th file goes to val. Deterministic for a given Python.
+Run: python data/code/prepare.py [--max_bytes=3000000] [--tokenizer=all|byte|gpt2]"""
 import os
 import sys
 import sysconfig
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import cli  # noqa: E402
-from data.corpus import GPT2_EOT, gpt2_encoding, write_corpus  # noqa: E402
+from data.corpus import PrepareConfig, Tokenizer, tokenizer_names, write_corpus  # noqa: E402
 
 
 @dataclass
@@ -19,7 +19,8 @@ class CodeConfig:
 
 
 try:
-    max_bytes = cli.build(CodeConfig, cli.parse(sys.argv[1:], CodeConfig, allow_file=False)).max_bytes
+    settings = cli.parse(sys.argv[1:], CodeConfig, PrepareConfig, allow_file=False)
+    max_bytes, choice = cli.build(CodeConfig, settings).max_bytes, cli.build(PrepareConfig, settings).tokenizer
 except cli.ConfigError as e:
     sys.exit(f"argument error: {e}")
 
@@ -31,16 +32,15 @@ for root, dirs, files in os.walk(stdlib):
     paths += [os.path.join(root, f) for f in sorted(files) if f.endswith(".py")]
 paths.sort()
 
-enc = gpt2_encoding()
 train, val, total = [], [], 0
 for i, path in enumerate(paths):
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read()
-    (val if i % 10 == 9 else train).extend(enc.encode_ordinary(text) + [GPT2_EOT])
+    (val if i % 10 == 9 else train).append(text)
     total += len(text)
     if total >= max_bytes:
         break
 if not train or not val:
     sys.exit(f"found too little Python source under {stdlib} to build the code corpus")
-write_corpus("code", train, val, {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "source": stdlib,
-                                  "files": i + 1, "bytes": total})
+for name in tokenizer_names(choice, ("byte", "gpt2"), "code"):
+    write_corpus("code", Tokenizer(name), train, val, {"source": stdlib, "files": len(train) + len(val)})

@@ -4,7 +4,8 @@
     python data/text/prepare.py --name=fineweb --fineweb_docs=100000      # needs `pip install datasets`
 
 Each .txt file is one document; each line of a .jsonl file is a document whose "text" field is read. Documents
-end with the end-of-text token; every --val_every-th document goes to val (default 20). GPT-2 BPE."""
+end with the end-of-text token; every --val_every-th document goes to val (default 20). Written for every
+tokenizer (byte and gpt2) unless --tokenizer names one."""
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import cli  # noqa: E402
-from data.corpus import GPT2_EOT, corpus_dir, gpt2_encoding, write_corpus  # noqa: E402
+from data.corpus import PrepareConfig, Tokenizer, corpus_dir, tokenizer_names, write_corpus  # noqa: E402
 
 
 @dataclass
@@ -21,6 +22,7 @@ class TextConfig:
     name: str = ""                       # the corpus name: data/<name>/ (letters, digits and _)
     val_every: int = 20                  # every val_every-th document goes to val
     fineweb_docs: Optional[int] = None   # stream this many FineWeb-Edu documents instead of reading files
+    overwrite: bool = False              # allow replacing one of the corpora this repository prepares itself
 
 
 def documents_from_files(paths):
@@ -58,26 +60,30 @@ def documents_from_fineweb(n_docs):
 def main(argv):
     files = [arg for arg in argv if not arg.startswith("-")]  # the rest are settings
     try:
-        cfg = cli.build(TextConfig, cli.parse([a for a in argv if a not in files], TextConfig, allow_file=False))
+        settings = cli.parse([a for a in argv if a not in files], TextConfig, PrepareConfig, allow_file=False)
+        cfg, choice = cli.build(TextConfig, settings), cli.build(PrepareConfig, settings).tokenizer
     except cli.ConfigError as e:
         sys.exit(f"argument error: {e}")
     name = cfg.name
     if not name or not name.replace("_", "").isalnum():
         sys.exit("give the corpus a name of letters, digits and _: --name=mydata")
+    if os.path.isfile(os.path.join(corpus_dir(name), "prepare.py")) and not cfg.overwrite:
+        sys.exit(f"{name!r} is a corpus this repository prepares with data/{name}/prepare.py: choose another "
+                 f"--name (or pass --overwrite to replace it)")
     if cfg.val_every < 2:
         sys.exit(f"--val_every must be >= 2; got {cfg.val_every}")
     if not files and not cfg.fineweb_docs:
         sys.exit("give text/JSONL files to tokenize, or --fineweb_docs=N to stream FineWeb-Edu")
+    tokenizers = tokenizer_names(choice, ("byte", "gpt2"), name)
     docs = documents_from_fineweb(cfg.fineweb_docs) if cfg.fineweb_docs else documents_from_files(files)
-    enc, val_every = gpt2_encoding(), cfg.val_every
-    train, val, n = [], [], 0
+    train, val = [], []
     for n, doc in enumerate(docs, 1):
-        (val if n % val_every == 0 else train).extend(enc.encode_ordinary(doc) + [GPT2_EOT])
+        (val if n % cfg.val_every == 0 else train).append(doc)
     if not train or not val:
-        sys.exit(f"{n} document(s) give an empty train or val split; give at least {val_every} documents "
-                 f"or a smaller --val_every")
-    write_corpus(name, train, val, {"tokenizer": "gpt2", "vocab_size": enc.n_vocab, "documents": n},
-                 directory=corpus_dir(name))
+        sys.exit(f"{len(train) + len(val)} document(s) give an empty train or val split; give at least "
+                 f"{cfg.val_every} documents or a smaller --val_every")
+    for tokenizer in tokenizers:
+        write_corpus(name, Tokenizer(tokenizer), train, val, {"documents": len(train) + len(val)})
 
 
 if __name__ == "__main__":
