@@ -47,62 +47,67 @@ def plot_run(out_dir):
     folder = os.path.join(out_dir, "plots")
     os.makedirs(folder, exist_ok=True)
     boundaries = stage_starts(train)
+    save(plot_loss(train, evals, boundaries), folder, "loss.png")
+    if any("arith_accuracy" in r for r in evals):
+        save(plot_arith([r for r in evals if "arith_accuracy" in r], boundaries), folder, "arith.png")
+    if train[-1]["experts_per_token"]:
+        save(plot_experts(train, boundaries), folder, "experts.png")
+        save(plot_load(train), folder, "load.png")
+    print(f"plots written to {folder}")
 
+
+def save(fig, folder, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, name), dpi=110)
+    plt.close(fig)
+
+
+def plot_loss(train, evals, boundaries):
     fig, (ax, ax_bpb) = plt.subplots(1, 2, figsize=(12, 4.5))
     ax.plot([r["tokens"] for r in train], [r["ce"] for r in train], color="0.7", lw=1, label="train (mixture)")
     for corpus in (evals[0]["val"] if evals else []):
-        ax.plot([r["tokens"] for r in evals], [r["val"][corpus] for r in evals], marker="o", ms=3,
-                label=f"val {corpus}")
-        ax_bpb.plot([r["tokens"] for r in evals], [r["val_bpb"][corpus] for r in evals], marker="o", ms=3,
-                    label=f"val {corpus}")
+        tokens = [r["tokens"] for r in evals]
+        ax.plot(tokens, [r["val"][corpus] for r in evals], marker="o", ms=3, label=f"val {corpus}")
+        ax_bpb.plot(tokens, [r["val_bpb"][corpus] for r in evals], marker="o", ms=3, label=f"val {corpus}")
     ax.set(xlabel="tokens", ylabel="cross-entropy (nats/token)", title="Loss per corpus")
     ax_bpb.set(xlabel="tokens", ylabel="bits per byte", title="Val loss in bits per byte (tokenizer-independent)")
     for a in (ax, ax_bpb):
         mark_stages(a, boundaries)
         a.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "loss.png"), dpi=110)
-    plt.close(fig)
+    return fig
 
-    accuracy = [r for r in evals if "arith_accuracy" in r]
-    if accuracy:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for level in sorted(accuracy[0]["arith_accuracy"]["level"], key=int):
-            ax.plot([r["tokens"] for r in accuracy], [r["arith_accuracy"]["level"][level] for r in accuracy],
-                    marker="s", ms=3, label=f"level {level}")
-        mark_stages(ax, boundaries)
-        ax.set(xlabel="tokens", ylabel="exact match", ylim=(0, 1.05),
-               title="Held-out arithmetic, exact match per level")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(folder, "arith.png"), dpi=110)
-        plt.close(fig)
 
-    n_moe = len(train[-1]["experts_per_token"])
-    if n_moe:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for layer in range(n_moe):
-            ax.plot([r["tokens"] for r in train], [r["experts_per_token"][layer] for r in train],
-                    label=f"MoE layer {layer}")
-        mark_stages(ax, boundaries)
-        ax.set(xlabel="tokens", ylabel="routed experts per token", title="Experts per token (top-p routing)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(folder, "experts.png"), dpi=110)
-        plt.close(fig)
+def plot_arith(accuracy, boundaries):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for level in sorted(accuracy[0]["arith_accuracy"]["level"], key=int):
+        ax.plot([r["tokens"] for r in accuracy], [r["arith_accuracy"]["level"][level] for r in accuracy],
+                marker="s", ms=3, label=f"level {level}")
+    ax.set(xlabel="tokens", ylabel="exact match", ylim=(0, 1.05), title="Held-out arithmetic, exact match per level")
+    mark_stages(ax, boundaries)
+    ax.legend(fontsize=8)
+    return fig
 
-        last = train[-max(1, len(train) // 10):]
-        load = [[sum(r["tokens_per_expert"][layer][e] for r in last) for e in range(len(last[0]["tokens_per_expert"][0]))]
-                for layer in range(n_moe)]
-        share = [[c / max(1e-9, sum(row)) for c in row] for row in load]
-        fig, ax = plt.subplots(figsize=(8, 1 + 0.5 * n_moe))
-        image = ax.imshow(share, aspect="auto", cmap="viridis")
-        fig.colorbar(image, ax=ax, label="share of the layer's assignments")
-        ax.set(xlabel="expert", ylabel="MoE layer", title="Load per expert (last 10% of training)")
-        fig.tight_layout()
-        fig.savefig(os.path.join(folder, "load.png"), dpi=110)
-        plt.close(fig)
-    print(f"plots written to {folder}")
+
+def plot_experts(train, boundaries):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for layer in range(len(train[-1]["experts_per_token"])):
+        ax.plot([r["tokens"] for r in train], [r["experts_per_token"][layer] for r in train], label=f"MoE layer {layer}")
+    ax.set(xlabel="tokens", ylabel="routed experts per token", title="Experts per token (top-p routing)")
+    mark_stages(ax, boundaries)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_load(train):
+    last = train[-max(1, len(train) // 10):]
+    load = [[sum(col) for col in zip(*(r["tokens_per_expert"][layer] for r in last))]
+            for layer in range(len(last[0]["tokens_per_expert"]))]
+    share = [[c / max(1e-9, sum(row)) for c in row] for row in load]
+    fig, ax = plt.subplots(figsize=(8, 1 + 0.5 * len(share)))
+    image = ax.imshow(share, aspect="auto", cmap="viridis")
+    fig.colorbar(image, ax=ax, label="share of the layer's assignments")
+    ax.set(xlabel="expert", ylabel="MoE layer", title="Load per expert (last 10% of training)")
+    return fig
 
 
 if __name__ == "__main__":

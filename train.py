@@ -132,8 +132,10 @@ class TrainConfig:
         need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
         need(self.tokenizer in TOKENIZERS, f"tokenizer must be one of {', '.join(TOKENIZERS)}; got {self.tokenizer!r}")
         need(self.arith_per_level >= 0, f"arith_per_level must be >= 0; got {self.arith_per_level}")
-        need(self.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32; got {self.dtype!r}")
-        need(self.preset is None or self.preset in PRESETS, f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        need(self.dtype in ("auto", "bfloat16", "float32"),
+             f"dtype must be auto, bfloat16 or float32; got {self.dtype!r}")
+        need(self.preset is None or self.preset in PRESETS,
+             f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         need(isinstance(self.stages, list) and self.stages, "stages must be a non-empty list of stage dicts")
         known = {f.name for f in dataclasses.fields(Stage)}
         for i, stage in enumerate(self.stages):
@@ -162,7 +164,8 @@ def load_config(argv):
     tokenizer = mixture_tokenizer(list(dict.fromkeys(c for s in train_cfg.stages for c in s.mixture)),
                                   train_cfg.tokenizer)
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    model_settings = {**PRESETS.get(train_cfg.preset, {}), **{k: v for k, v in settings.items() if k not in train_names}}
+    model_settings = {**PRESETS.get(train_cfg.preset, {}),
+                      **{k: v for k, v in settings.items() if k not in train_names}}
     model_settings.setdefault("vocab_size", 64 * math.ceil(tokenizer.vocab_size / 64))  # pad: faster matmuls
     if model_settings["vocab_size"] < tokenizer.vocab_size:
         raise cli.ConfigError(f"vocab_size {model_settings['vocab_size']} is smaller than the {tokenizer.name} "
@@ -320,7 +323,8 @@ class Trainer:
         if cfg.compile if cfg.compile is not None else self.device_type == "cuda":
             self.model = torch.compile(self.model)
         if self.ddp:
-            self.model = DDP(self.model, device_ids=[torch.cuda.current_device()] if self.device_type == "cuda" else None)
+            self.model = DDP(self.model,
+                             device_ids=[torch.cuda.current_device()] if self.device_type == "cuda" else None)
         self.stop_signal = None
         signal.signal(signal.SIGINT, self.on_signal)
         signal.signal(signal.SIGTERM, self.on_signal)

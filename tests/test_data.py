@@ -119,8 +119,9 @@ def test_arith_val_problems_are_right_and_graded(corpora):
     assert {p["difficulty"] for p in problems} == {1, 2, 3, 4, 5}
     for p in problems:
         a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)=", p["prompt"]).groups()
-        assert op == p["op"] and str({"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]) == p["answer"]
-        longer = max(len(a), len(b))
+        a, b = int(a), int(b)
+        assert op == p["op"] and str({"+": a + b, "-": a - b, "*": a * b}[op]) == p["answer"]
+        longer = max(len(str(a)), len(str(b)))
         assert (op == "*" and p["difficulty"] == 5 and longer == 2) or (op != "*" and p["difficulty"] == longer)
     assert len({p["prompt"] for p in problems}) == len(problems)
     assert sum(p["answer"].startswith("-") for p in problems) > 100  # negative answers are in the benchmark

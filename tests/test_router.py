@@ -103,7 +103,8 @@ def slow_moe(moe, x):
     flat = x.reshape(-1, x.shape[-1])
     probs = (flat @ moe.router.weight.t().to(x.dtype)).softmax(-1)
     c = moe.config
-    mask = top_p_mask(probs.detach(), c.top_p, c.min_k, c.max_k) if c.routing == "top_p" else top_k_mask(probs.detach(), c.top_k)
+    mask = (top_p_mask(probs.detach(), c.top_p, c.min_k, c.max_k) if c.routing == "top_p"
+            else top_k_mask(probs.detach(), c.top_k))
     w1, w3, w2 = (w.to(x.dtype) for w in (moe.w1, moe.w3, moe.w2))
     rows_out = []
     for t in range(flat.shape[0]):

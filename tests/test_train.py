@@ -305,3 +305,22 @@ def test_sigterm_saves_and_exits_cleanly(corpora, tmp_path):
     assert "stopped by signal" in out
     state = torch.load(tmp_path / "t" / "ckpt.pt", weights_only=False)["state"]
     assert state["global_step"] >= 3
+
+
+def test_mfu_from_the_measured_routing_and_the_exact_gpu():
+    from model import GPT, make_config
+    from train import flops_per_token, mfu, peak_flops
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H100 NVL") == 835e12 and peak_flops("NVIDIA L40S") == 362e12
+    assert peak_flops("NVIDIA A10G") is None and peak_flops("NVIDIA L4") == 121e12
+    config = make_config(dict(vocab_size=64, block_size=32, n_layer=4, n_head=2, n_kv_head=1, n_embd=16, window=8,
+                              n_experts=8, expert_hidden=8, attn_pattern="LLLG"))
+    model = GPT(config, verbose=False)
+    per_expert = 3 * 16 * 8
+    measured = [2.0, 3.0, 4.0]  # three MoE layers
+    active = model.num_params(active=True, experts_per_token=measured)
+    assert active == model.num_params(active=True, experts_per_token=0) + per_expert * 9
+    # 6 per active parameter, plus 12 * n_embd * keys: 8 keys for the three local layers, 32 for the global
+    assert flops_per_token(config, active, 32) == 6 * active + 12 * 16 * (3 * 8 + 32)
+    assert mfu(1e9, 1e4, 1e14, world_size=2) == pytest.approx(1e13 / 2e14)
+    assert mfu(1e9, 1e4, None) is None
