@@ -37,7 +37,9 @@ def _check(key, value, kind):
         return float(value)
     expected = origin or kind
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-        raise ConfigError(f"{key} must be {_type_name(kind)}; got {value!r} ({type(value).__name__})")
+        hint = (" (on the command line write a Python literal: [{'name': 'a', ...}] rather than dict(...))"
+                if isinstance(value, str) and expected in (list, dict) else "")
+        raise ConfigError(f"{key} must be {_type_name(kind)}; got {value!r} ({type(value).__name__}){hint}")
     return value
 
 

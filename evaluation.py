@@ -110,7 +110,7 @@ def summarise(problems, right):
 # -----------------------------------------------------------------------------------------------------
 # What the model learned, shown at the end of a run
 
-PROMPTS = {"shakespeare": "ROMEO:\n", "code": "    def __init__(self, ", "text": "The "}
+PROMPTS = {"shakespeare": "\n\nROMEO:\n", "code": "    def __init__(self, ", "text": "The "}
 
 
 @torch.no_grad()
@@ -123,13 +123,12 @@ def show_samples(model, tokenizer, corpora, problems, autocast, n_tokens=120, se
     for name in corpora:
         if name == "arith":
             continue
-        prompt = PROMPTS.get(name, "\n")
-        idx = torch.tensor([[tokenizer.eot] + tokenizer.encode(prompt) if tokenizer.eot is not None
-                            else tokenizer.encode(prompt)], device=device)
+        prompt = PROMPTS.get(name, "\n")  # from the middle of a document, as most training windows start
+        idx = torch.tensor([tokenizer.encode(prompt)], device=device)
         with autocast:
             out = model.generate(idx, n_tokens, temperature=0.8, top_k=50, vocab_size=tokenizer.vocab_size)
         text = tokenizer.decode(out[0, idx.shape[1]:].tolist()).split("<|endoftext|>")[0]
-        lines += [f"--- {name} ---", prompt + text]
+        lines += [f"--- {name} ---", (prompt + text).strip("\n")]
     if "arith" in corpora and problems:
         lines.append("--- arith (greedy; held-out problems from level 2 up) ---")
         for p in problems:

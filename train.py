@@ -134,6 +134,10 @@ class TrainConfig:
         need(self.arith_per_level >= 0, f"arith_per_level must be >= 0; got {self.arith_per_level}")
         need(self.dtype in ("auto", "bfloat16", "float32"),
              f"dtype must be auto, bfloat16 or float32; got {self.dtype!r}")
+        try:
+            torch.device("cpu" if self.device == "auto" else self.device)
+        except (RuntimeError, TypeError):
+            need(False, f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         need(self.preset is None or self.preset in PRESETS,
              f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         need(isinstance(self.stages, list) and self.stages, "stages must be a non-empty list of stage dicts")
@@ -185,6 +189,10 @@ def load_config(argv):
         router = stage_router(router, stage, model_cfg.n_experts)
     if train_cfg.eval_seq_len > model_cfg.block_size:
         raise cli.ConfigError(f"eval_seq_len {train_cfg.eval_seq_len} exceeds block_size {model_cfg.block_size}")
+    for stage in train_cfg.stages:  # every split is long enough (and whole), found now rather than mid-run
+        MixtureLoader(stage.mixture, train_cfg.tokenizer, stage.seq_len, 1)
+    for corpus in {c for s in train_cfg.stages for c in s.mixture}:
+        MixtureLoader({corpus: 1.0}, train_cfg.tokenizer, train_cfg.eval_seq_len, 1, split="val")
     return train_cfg, model_cfg, tokenizer
 
 
@@ -343,6 +351,8 @@ class Trainer:
             self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         self.master = self.rank == 0
         self.device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        if self.device_type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"device {self.device!r}, but torch sees no CUDA GPU here: use --device=cpu (or auto)")
         self.peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device_type == "cuda" else None
         if self.device_type == "cuda":
             torch.cuda.set_device(self.device)

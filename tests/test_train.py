@@ -135,6 +135,10 @@ def stages_arg(*stages):
     (stages_arg(stage(warmup=3)), "warmup (3) must be shorter than the stage"),
     (["--batch_size=4"], "'batch_size' in --batch_size is a setting of each stage"),
     (["--top_k=5"], "top_k (5) cannot exceed n_experts (4)"),
+    (["--device=banana"], "device must be auto, cpu, cuda or cuda:N"),
+    pytest.param(["--device=cuda"], "torch sees no CUDA GPU here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    (["--tokenizer=bpe"], "tokenizer must be one of byte, gpt2, char"),
 ])
 def test_bad_configs_exit_with_a_message_and_write_nothing(corpora, tmp_path, args, message):
     out_dir = tmp_path / "never"
