@@ -554,6 +554,9 @@ class Trainer:
 
     def finish(self, message, complete=False):
         self.bar.close()
+        if self.ddp:  # every rank leaves together, before rank 0's plots and samples (a rank that tears
+            dist.barrier()  # down gloo while another still talks to it can abort)
+            dist.destroy_process_group()
         if self.master:
             print(message)
             if complete and self.cfg.plots:
@@ -561,8 +564,6 @@ class Trainer:
                 plot.plot_run(self.cfg.out_dir)
             if complete and self.cfg.samples:
                 self.show_what_was_learned()
-        if self.ddp:
-            dist.destroy_process_group()
 
 
 def stage_end_accuracy(records, stages):
