@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 import cli
-from attention import KVCache, causal_attention
+from attention import GLOBAL, LOCAL, KVCache, causal_attention
 from model import GPT, init_weights, preset
 from router import MoE, RouterConfig, SwiGLU
 
@@ -117,7 +117,7 @@ def bench_kv_cache():
         for context in (4096, 16384, 65536):
             hybrid, full = kv_bytes(config, context), kv_bytes(baseline, context)
             kinds = config.layout()
-            formula = (kinds.count("G") + kinds.count("L") * min(1, config.window / context)) / len(kinds)
+            formula = (kinds.count(GLOBAL) + kinds.count(LOCAL) * min(1, config.window / context)) / len(kinds)
             layout = "".join(kinds) if len(kinds) <= 12 else "".join(kinds[:8]) + f"...({len(kinds)})"
             rows.append({"model": name, "layout": layout, "context": context, "hybrid_MiB": hybrid / 2 ** 20,
                          "all_global_MiB": full / 2 ** 20, "ratio": hybrid / full, "formula": formula})

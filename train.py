@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import cli
 import evaluation
+from attention import LOCAL
 from data.corpus import TOKENIZERS, MixtureLoader, mixture_tokenizer
 from model import GPT, GPTConfig, PRESETS, make_config
 from router import RouterConfig
@@ -262,7 +263,7 @@ def flops_per_token(model_cfg, active_params, seq_len):
     """Training FLOPs per token (forward + backward): 6 per active parameter plus the attention scores,
     12 * n_embd * (keys attended) per layer (nanoGPT's estimate, with a window's keys for local layers).
     active_params: GPT.num_params(active=True, experts_per_token=<measured>)."""
-    keys = [min(model_cfg.window, seq_len) if kind == "L" else seq_len for kind in model_cfg.layout()]
+    keys = [min(model_cfg.window, seq_len) if kind == LOCAL else seq_len for kind in model_cfg.layout()]
     return 6 * active_params + sum(12 * model_cfg.n_embd * k for k in keys)
 
 
