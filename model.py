@@ -132,23 +132,29 @@ class Block(nn.Module):
 
 
 def init_weights(module, n_layer):
-    """Every weight of a GPT (or of a bare MoE or Attention layer), in one place. Embeddings, projections,
-    routers and experts: normal(0, 0.02). Projections that write into the residual stream (attention's
-    o_proj, every MLP's and expert's w2) are scaled by 1/sqrt(2 * n_layer), as in GPT-2, so the stream's
-    variance does not grow with depth. RMSNorm gains stay at 1."""
+    """Every weight of a GPT (or of a bare MoE, SwiGLU or Attention layer), in one place, each exactly once.
+    Embeddings, projections, routers and experts: normal(0, 0.02). Projections that write into the residual
+    stream (attention's o_proj, every MLP's and expert's w2) are scaled by 1/sqrt(2 * n_layer), as in GPT-2,
+    so the stream's variance does not grow with depth. RMSNorm gains stay at 1."""
     std, out_std = 0.02, 0.02 / math.sqrt(2 * n_layer)
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-        if isinstance(m, MoE):
-            nn.init.normal_(m.w1, mean=0.0, std=std)
-            nn.init.normal_(m.w3, mean=0.0, std=std)
-            nn.init.normal_(m.w2, mean=0.0, std=out_std)
-    for m in module.modules():  # after the loop above, which gave these the plain std
-        if isinstance(m, Attention):
-            nn.init.normal_(m.o_proj.weight, mean=0.0, std=out_std)
-        if isinstance(m, SwiGLU):
-            nn.init.normal_(m.w2.weight, mean=0.0, std=out_std)
+        if isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, Attention):
+            for w in (m.q_proj.weight, *([m.kv_proj.weight] if m.kv_proj is not None else [])):
+                nn.init.normal_(w, std=std)
+            nn.init.normal_(m.o_proj.weight, std=out_std)
+        elif isinstance(m, SwiGLU):
+            nn.init.normal_(m.w1.weight, std=std)
+            nn.init.normal_(m.w3.weight, std=std)
+            nn.init.normal_(m.w2.weight, std=out_std)
+        elif isinstance(m, MoE):  # (its shared experts are a SwiGLU, met on their own)
+            nn.init.normal_(m.router.weight, std=std)
+            nn.init.normal_(m.w1, std=std)
+            nn.init.normal_(m.w3, std=std)
+            nn.init.normal_(m.w2, std=out_std)
+        elif isinstance(m, GPT) and not m.config.tie_embeddings:  # (tied: it is the embedding)
+            nn.init.normal_(m.lm_head.weight, std=std)
 
 
 class GPT(nn.Module):
