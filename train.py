@@ -386,8 +386,18 @@ class Trainer:
         if not resumed:
             open(self.metrics_path, "w").close()
             return
-        with open(self.metrics_path) as f:  # what the stopped run logged after its last checkpoint runs again
-            kept = [line for line in f if json.loads(line)["step"] <= self.state["global_step"]]
+        # The checkpoint is the truth: keep what the stopped run logged up to it (those steps do not run again),
+        # drop a line cut short by a kill during a write, and start the log afresh if it is gone.
+        kept = []
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if record["step"] <= self.state["global_step"]:
+                        kept.append(json.dumps(record) + "\n")
         with open(self.metrics_path, "w") as f:
             f.writelines(kept)
 
@@ -396,7 +406,9 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------
     def run(self):
-        """For each stage: begin it, then train step by step, logging, evaluating and saving as it goes."""
+        """For each stage: begin it, then train step by step, logging, evaluating and saving as it goes.
+        Returns the exit code: 0 when the run completes, 128 + the signal's number when a signal stopped it
+        (the shell's convention, so `train.py && sample.py` does not sample a half-trained model)."""
         cfg, state = self.cfg, self.state
         self.bar = tqdm(total=sum(self.stage_steps), initial=sum(self.stage_steps[:state["stage"]]) + state["step"],
                         disable=not self.master, dynamic_ncols=True)
@@ -422,10 +434,12 @@ class Trainer:
                 if stage_done or state["step"] % cfg.ckpt_interval == 0 or stopping:
                     self.save_checkpoint(loader)
                 if stopping:
-                    return self.finish(f"stopped by signal at global step {state['global_step']}; checkpoint "
-                                       f"saved to {self.ckpt_path}. Run the same command again to resume.")
-        return self.finish(f"run complete: {state['global_step']} steps, {state['tokens']:,} tokens. "
-                           f"Checkpoint: {self.ckpt_path}", complete=True)
+                    self.finish(f"stopped by signal at global step {state['global_step']}; checkpoint saved to "
+                                f"{self.ckpt_path}. Run the same command again to resume.")
+                    return 128 + (self.stop_signal or signal.SIGTERM)  # (another rank may have had the signal)
+        self.finish(f"run complete: {state['global_step']} steps, {state['tokens']:,} tokens. "
+                    f"Checkpoint: {self.ckpt_path}", complete=True)
+        return 0
 
     def begin_stage(self, s):
         """The stage's loader. At its first step, the stage's router settings and RoPE base take effect;
@@ -587,8 +601,8 @@ def main(argv):
         cfg, model_cfg, tokenizer = load_config(argv)
     except (cli.ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"config error: {e}")
-    Trainer(cfg, model_cfg, tokenizer).run()
+    return Trainer(cfg, model_cfg, tokenizer).run()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
