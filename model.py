@@ -268,10 +268,15 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     def make_cache(self, batch_size, max_len, device=None, dtype=None):
+        """A KVCache for this model. Its dtype is autocast's where autocast is on (the keys and values come out
+        of the projections in that dtype, and attention reads them in it), else the weights'."""
         c = self.config
-        weight = self.wte.weight
+        device = torch.device(device or self.wte.weight.device)
+        if dtype is None:
+            dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                     else self.wte.weight.dtype)
         return KVCache(c.layout(), c.window, batch_size, c.n_kv_head, c.n_embd // c.n_head, max_len,
-                       device=device or weight.device, dtype=dtype or weight.dtype)
+                       device=device, dtype=dtype)
 
     @torch.inference_mode()  # like no_grad, with less per-op bookkeeping: decoding runs many small ops
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, cache=None, on_token=None,

@@ -14,6 +14,7 @@ colours, and in out_dir/experts.png for slides.
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -142,6 +143,7 @@ def main(argv):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_run(cfg.out_dir, cfg.checkpoint, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
     start = cfg.start
     if start.startswith("FILE:"):
@@ -166,10 +168,11 @@ def main(argv):
             print(text[shown[0]:ready], end="", flush=True)
             shown[0] = max(shown[0], ready)
 
-        cache = model.make_cache(1, len(prompt) + cfg.max_new_tokens)
         t0 = time.time()
-        out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cache=cache,
-                             on_token=stream, vocab_size=tokenizer.vocab_size)
+        with autocast:  # bf16 on CUDA: the matmuls, the KV cache and the MoE's grouped GEMM path
+            cache = model.make_cache(1, len(prompt) + cfg.max_new_tokens)
+            out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cache=cache,
+                                 on_token=stream, vocab_size=tokenizer.vocab_size)
         dt = time.time() - t0
         print(f"\n--- {cfg.max_new_tokens} tokens in {dt:.2f}s ({cfg.max_new_tokens / dt:.1f} tokens/s), "
               f"KV cache {cache.nbytes() / 1024:.1f} KiB for {cache.max_len} positions ---")

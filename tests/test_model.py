@@ -128,6 +128,17 @@ def test_generation_never_produces_padding_ids():
         assert (out[:, 2:] < 90).all()
 
 
+@torch.no_grad()
+def test_the_kv_cache_takes_the_autocast_dtype():
+    model = GPT(GPTConfig(**SMALL), verbose=False).eval()
+    assert model.make_cache(1, 8).k[0].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.make_cache(1, 8)
+        assert all(t.dtype == torch.bfloat16 for t in cache.k + cache.v if t is not None)
+        out = model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0, cache=cache)
+    assert out.shape == (1, 8)
+
+
 def allowed_tokens(row, top_k, top_p):
     """The tokens sampling may pick from probabilities `row`: the top_k most likely (ties to the lower id),
     then, renormalised, the shortest prefix whose mass reaches top_p."""
