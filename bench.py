@@ -22,6 +22,7 @@ import torch
 
 import cli
 from attention import GLOBAL, LOCAL, KVCache, causal_attention
+from evaluation import flops_per_token, mfu, peak_flops
 from model import GPT, init_weights, preset
 from router import MoE, RouterConfig, SwiGLU
 
@@ -77,7 +78,6 @@ def bench_training(cfg, dtype):
     row = {"preset": cfg.preset, "ms_per_step": 1000 * dt, "tokens_per_s": tok_s,
            "experts_per_token": sum(experts) / max(1, len(experts))}
     if cfg.device.startswith("cuda"):
-        from train import flops_per_token, mfu, peak_flops
         active = model.num_params(active=True, experts_per_token=experts)
         row["mfu"] = mfu(flops_per_token(config, active, cfg.seq_len), tok_s, peak_flops(torch.cuda.get_device_name()))
     return row

@@ -1,6 +1,7 @@
 """
 How a run is measured: val loss per corpus (nats per token and bits per byte, on the same batches at every
-evaluation), exact-match arithmetic by level and operation, and a short show of what the model learned.
+evaluation), exact-match arithmetic by level and operation, model FLOPs utilisation from the routing actually
+measured, and a short show of what the model learned.
 
 Bits per byte (bpb) divides the loss of the tokens that stand for text by the UTF-8 bytes of that text, so
 runs with different tokenizers compare: a byte-level model's nats per token and a BPE model's do not.
@@ -13,6 +14,7 @@ from collections import defaultdict
 
 import torch
 
+from attention import LOCAL
 from data.corpus import MixtureLoader, corpus_dir
 
 
@@ -70,28 +72,34 @@ def scoring_split(tokenizer, prompt, answer):
 
 
 @torch.no_grad()
-def arith_accuracy(model, tokenizer, problems, autocast, batch_size=64):
-    """Exact-match accuracy of greedy answers: {"level": {level: acc}, "op": {op: acc}, "level_op": {"2+":
-    acc, ...}, "all": acc}.
-    Problems whose contexts have the same length decode together, in batches."""
-    model.eval()
+def greedy_answers(model, tokenizer, problems, autocast, batch_size=64):
+    """For each problem: (context ids, expected ids, the model's greedy ids, as many as expected). Problems
+    whose contexts have the same length decode together, in batches."""
     device = model.wte.weight.device
     splits = [scoring_split(tokenizer, p["prompt"], p["answer"]) for p in problems]
     by_length = defaultdict(list)
     for i, (context, _) in enumerate(splits):
         by_length[len(context)].append(i)
-    right = [False] * len(problems)
+    said = [None] * len(problems)
     for group in by_length.values():
         for start in range(0, len(group), batch_size):
             rows = group[start:start + batch_size]
-            n_new = max(len(splits[i][1]) for i in rows)
             idx = torch.tensor([splits[i][0] for i in rows], device=device)
             with autocast:
-                out = model.generate(idx, n_new, temperature=0, vocab_size=tokenizer.vocab_size)
+                out = model.generate(idx, max(len(splits[i][1]) for i in rows), temperature=0,
+                                     vocab_size=tokenizer.vocab_size)
             for i, row in zip(rows, out[:, idx.shape[1]:].tolist()):
-                right[i] = row[:len(splits[i][1])] == splits[i][1]
+                said[i] = row[:len(splits[i][1])]
+    return [(context, expected, out) for (context, expected), out in zip(splits, said)]
+
+
+def arith_accuracy(model, tokenizer, problems, autocast):
+    """Exact-match accuracy of greedy answers: {"level": {level: acc}, "op": {op: acc}, "level_op": {"2+":
+    acc, ...}, "all": acc}."""
+    model.eval()
+    answers = greedy_answers(model, tokenizer, problems, autocast)
     model.train()
-    return summarise(problems, right)
+    return summarise(problems, [out == expected for _, expected, out in answers])
 
 
 def summarise(problems, right):
@@ -105,6 +113,35 @@ def summarise(problems, right):
     for (kind, key), oks in sorted(groups.items()):
         acc[kind][key] = sum(oks) / len(oks)
     return acc
+
+
+# -----------------------------------------------------------------------------------------------------
+# Throughput: FLOPs per token from the routing actually measured, and the GPU's peak
+
+def flops_per_token(model_cfg, active_params, seq_len):
+    """Training FLOPs per token (forward + backward): 6 per active parameter plus the attention scores,
+    12 * n_embd * (keys attended) per layer (nanoGPT's estimate, with a window's keys for local layers).
+    active_params: GPT.num_params(active=True, experts_per_token=<measured>)."""
+    keys = [min(model_cfg.window, seq_len) if kind == LOCAL else seq_len for kind in model_cfg.layout()]
+    return 6 * active_params + sum(12 * model_cfg.n_embd * k for k in keys)
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (the sparsity figures halved), keyed by the words
+# of torch.cuda.get_device_name(). The longest key whose words all appear in the name wins, so an "H100 NVL"
+# is not taken for an SXM H100 and an "A10G" or "L40S" is not taken for an "A10" or "L40".
+PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device_name):
+    words = device_name.split()
+    keys = [k for k in PEAK_BF16_FLOPS if all(w in words for w in k.split())]
+    return PEAK_BF16_FLOPS[max(keys, key=len)] if keys else None
+
+
+def mfu(flops_token, tokens_per_s, peak, world_size=1):
+    """Model FLOPs utilisation: the share of the GPUs' peak that the model's useful FLOPs reach."""
+    return flops_token * tokens_per_s / (peak * world_size) if peak else None
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -131,14 +168,25 @@ def show_samples(model, tokenizer, corpora, problems, autocast, n_tokens=120, se
         lines += [f"--- {name} ---", (prompt + text).strip("\n")]
     if "arith" in corpora and problems:
         lines.append("--- arith (greedy; held-out problems from level 2 up) ---")
-        for p in problems:
-            context, expected = scoring_split(tokenizer, p["prompt"], p["answer"])
-            with autocast:
-                out = model.generate(torch.tensor([context], device=device), len(expected), temperature=0,
-                                     vocab_size=tokenizer.vocab_size)[0, len(context):].tolist()
+        for p, (context, expected, out) in zip(problems, greedy_answers(model, tokenizer, problems, autocast)):
             said = tokenizer.decode(context[1:] + out).split("<|endoftext|>")[0]
             lines.append(f"{'right' if out == expected else 'wrong'}  level {p['difficulty']}: {said}"
                          + ("" if out == expected else f"   (answer {p['answer']})"))
     torch.random.set_rng_state(generator_state)
     model.train()
+    return lines
+
+
+def stage_end_accuracy(records, stages):
+    """Lines of a table: arithmetic exact match per level at the end of each stage, from the eval records."""
+    last = {r["stage"]: r for r in records if r["kind"] == "eval" and "arith_accuracy" in r}
+    if not last:
+        return []
+    levels = sorted(next(iter(last.values()))["arith_accuracy"]["level"], key=int)
+    lines = ["arith exact match on held-out problems, at the end of each stage:",
+             f"  {'stage':<16}" + "".join(f"{'level ' + k:>9}" for k in levels) + f"{'all':>7}"]
+    for s, r in sorted(last.items()):
+        acc = r["arith_accuracy"]
+        lines.append(f"  {stages[s].name:<16}" + "".join(f"{acc['level'][k]:>9.0%}" for k in levels) +
+                     f"{acc['all']:>7.0%}")
     return lines

@@ -91,7 +91,8 @@ def plot_arith(accuracy, boundaries):
 def plot_experts(train, boundaries):
     fig, ax = plt.subplots(figsize=(8, 4))
     for layer in range(len(train[-1]["experts_per_token"])):
-        ax.plot([r["tokens"] for r in train], [r["experts_per_token"][layer] for r in train], label=f"MoE layer {layer}")
+        ax.plot([r["tokens"] for r in train], [r["experts_per_token"][layer] for r in train],
+                label=f"MoE layer {layer}")
     ax.set(xlabel="tokens", ylabel="routed experts per token", title="Experts per token (top-p routing)")
     mark_stages(ax, boundaries)
     ax.legend(fontsize=8)

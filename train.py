@@ -7,7 +7,7 @@ Multi-stage training, on one CPU, one GPU, or many GPUs and nodes with DDP.
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_endpoint=HOST:29500 train.py config/...
 
-(Plain `python train.py` runs TrainConfig's defaults: one short stage on shakespeare_char.)
+(Plain `python train.py` runs TrainConfig's defaults: one short stage on Shakespeare, in bytes.)
 
 A run is a list of stages (Yi-Lightning trains this way): each stage has its own data mixture, budget,
 sequence length, batch, learning-rate phase, RoPE base and router settings. The learning rate is continuous
@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 import cli
 import evaluation
-from attention import LOCAL
 from data.corpus import TOKENIZERS, MixtureLoader, mixture_tokenizer
 from model import GPT, GPTConfig, PRESETS, make_config
 from router import RouterConfig
@@ -151,6 +150,10 @@ class TrainConfig:
         if self.eval_seq_len is None:
             self.eval_seq_len = max(s.seq_len for s in self.stages)
 
+    def corpora(self):
+        """Every corpus the run's stages name, once each, in order of first mention."""
+        return list(dict.fromkeys(c for s in self.stages for c in s.mixture))
+
 
 def stage_router(router, stage, n_experts):
     """The router settings in force during `stage`: `router` (those before it) with the stage's changes."""
@@ -166,8 +169,7 @@ def load_config(argv):
     run at once."""
     settings = cli.parse(argv, TrainConfig, GPTConfig, RouterConfig, nested=(Stage,))
     train_cfg = cli.build(TrainConfig, settings)
-    tokenizer = mixture_tokenizer(list(dict.fromkeys(c for s in train_cfg.stages for c in s.mixture)),
-                                  train_cfg.tokenizer)
+    tokenizer = mixture_tokenizer(train_cfg.corpora(), train_cfg.tokenizer)
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     model_settings = {**PRESETS.get(train_cfg.preset, {}),
                       **{k: v for k, v in settings.items() if k not in train_names}}
@@ -192,7 +194,7 @@ def load_config(argv):
         raise cli.ConfigError(f"eval_seq_len {train_cfg.eval_seq_len} exceeds block_size {model_cfg.block_size}")
     for stage in train_cfg.stages:  # every split is long enough (and whole), found now rather than mid-run
         MixtureLoader(stage.mixture, train_cfg.tokenizer, stage.seq_len, 1)
-    for corpus in {c for s in train_cfg.stages for c in s.mixture}:
+    for corpus in train_cfg.corpora():
         MixtureLoader({corpus: 1.0}, train_cfg.tokenizer, train_cfg.eval_seq_len, 1, split="val")
     return train_cfg, model_cfg, tokenizer
 
@@ -257,35 +259,6 @@ def load_checkpoint(path, model_cfg, train_cfg, world_size):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Throughput: FLOPs per token from the routing actually measured, and the GPU's peak
-
-def flops_per_token(model_cfg, active_params, seq_len):
-    """Training FLOPs per token (forward + backward): 6 per active parameter plus the attention scores,
-    12 * n_embd * (keys attended) per layer (nanoGPT's estimate, with a window's keys for local layers).
-    active_params: GPT.num_params(active=True, experts_per_token=<measured>)."""
-    keys = [min(model_cfg.window, seq_len) if kind == LOCAL else seq_len for kind in model_cfg.layout()]
-    return 6 * active_params + sum(12 * model_cfg.n_embd * k for k in keys)
-
-
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets (the sparsity figures halved), keyed by the words
-# of torch.cuda.get_device_name(). The longest key whose words all appear in the name wins, so an "H100 NVL"
-# is not taken for an SXM H100 and an "A10G" or "L40S" is not taken for an "A10" or "L40".
-PEAK_BF16_FLOPS = {"H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12}
-
-
-def peak_flops(device_name):
-    words = device_name.split()
-    keys = [k for k in PEAK_BF16_FLOPS if all(w in words for w in k.split())]
-    return PEAK_BF16_FLOPS[max(keys, key=len)] if keys else None
-
-
-def mfu(flops_token, tokens_per_s, peak, world_size=1):
-    """Model FLOPs utilisation: the share of the GPUs' peak that the model's useful FLOPs reach."""
-    return flops_token * tokens_per_s / (peak * world_size) if peak else None
-
-
-# -----------------------------------------------------------------------------------------------------
 # A step's numbers, kept as tensors until a log line needs them (reading a GPU tensor waits for the GPU)
 
 def step_stats(loss, parts):
@@ -317,7 +290,7 @@ class Trainer:
         self.setup_device()
         torch.manual_seed(cfg.seed + self.rank)
         self.stage_steps = [s.num_steps(self.world_size) for s in cfg.stages]
-        self.corpora = list(dict.fromkeys(c for s in cfg.stages for c in s.mixture))
+        self.corpora = cfg.corpora()
         self.problems = (evaluation.read_problems(cfg.arith_per_level)
                          if "arith" in self.corpora and cfg.arith_per_level > 0 else [])
         self.raw_model = GPT(model_cfg, verbose=self.master).to(self.device)
@@ -354,7 +327,8 @@ class Trainer:
         self.device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         if self.device_type == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"device {self.device!r}, but torch sees no CUDA GPU here: use --device=cpu (or auto)")
-        self.peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device_type == "cuda" else None
+        self.peak = (evaluation.peak_flops(torch.cuda.get_device_name(self.device))
+                     if self.device_type == "cuda" else None)
         if self.device_type == "cuda":
             torch.cuda.set_device(self.device)
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
@@ -499,7 +473,8 @@ class Trainer:
         v = {k: t.tolist() for k, t in unflatten(flatten(stats).cpu(), stats).items()}  # one read of the GPU
         experts = v["experts_per_token"]
         active = self.raw_model.num_params(active=True, experts_per_token=experts)
-        util = mfu(flops_per_token(self.model_cfg, active, stage.seq_len), tok_s, self.peak, self.world_size)
+        util = evaluation.mfu(evaluation.flops_per_token(self.model_cfg, active, stage.seq_len), tok_s, self.peak,
+                              self.world_size)
         self.log({"kind": "train", "step": state["global_step"], "tokens": state["tokens"], "stage": s,
                   "stage_step": state["step"] - 1, "lr": lr, "loss": v["loss"], "ce": v["ce"], "aux": v["aux"],
                   "grad_norm": v["grad_norm"], "tok_s": tok_s, "mfu": util, "active_params": active,
@@ -545,7 +520,7 @@ class Trainer:
         examples = [p for level in sorted({p["difficulty"] for p in self.problems})
                     for p in [q for q in self.problems if q["difficulty"] == level][:2]]
         lines = evaluation.show_samples(self.raw_model, self.tokenizer, self.corpora, examples, self.autocast)
-        print("\n".join(lines + [""] + stage_end_accuracy(records, self.cfg.stages)))
+        print("\n".join(lines + [""] + evaluation.stage_end_accuracy(records, self.cfg.stages)))
 
     def stop_requested(self):
         """Whether any rank got SIGINT/SIGTERM: all ranks must stop at the same step."""
@@ -579,21 +554,6 @@ class Trainer:
                 plot.plot_run(self.cfg.out_dir)
             if complete and self.cfg.samples:
                 self.show_what_was_learned()
-
-
-def stage_end_accuracy(records, stages):
-    """Lines of a table: arithmetic exact match per level at the end of each stage, from the eval records."""
-    last = {r["stage"]: r for r in records if r["kind"] == "eval" and "arith_accuracy" in r}
-    if not last:
-        return []
-    levels = sorted(next(iter(last.values()))["arith_accuracy"]["level"], key=int)
-    lines = ["arith exact match on held-out problems, at the end of each stage:",
-             f"  {'stage':<16}" + "".join(f"{'level ' + k:>9}" for k in levels) + f"{'all':>7}"]
-    for s, r in sorted(last.items()):
-        acc = r["arith_accuracy"]
-        lines.append(f"  {stages[s].name:<16}" + "".join(f"{acc['level'][k]:>9.0%}" for k in levels) +
-                     f"{acc['all']:>7.0%}")
-    return lines
 
 
 def main(argv):

@@ -319,7 +319,7 @@ def test_sigterm_saves_and_exits_cleanly(corpora, tmp_path):
 
 def test_mfu_from_the_measured_routing_and_the_exact_gpu():
     from model import GPT, make_config
-    from train import flops_per_token, mfu, peak_flops
+    from evaluation import flops_per_token, mfu, peak_flops
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("NVIDIA H100 NVL") == 835e12 and peak_flops("NVIDIA L40S") == 362e12
     assert peak_flops("NVIDIA A10G") is None and peak_flops("NVIDIA L4") == 121e12
