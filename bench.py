@@ -13,6 +13,7 @@ noisy), printed as a table.
 """
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -21,9 +22,9 @@ from typing import Optional
 import torch
 
 import cli
-from attention import GLOBAL, LOCAL, KVCache, causal_attention
+from attention import GLOBAL, LOCAL, causal_attention
 from evaluation import flops_per_token, mfu, peak_flops
-from model import GPT, init_weights, preset
+from model import GPT, PRESETS, init_weights, kv_cache, preset
 from router import MoE, RouterConfig, SwiGLU
 
 
@@ -37,6 +38,20 @@ class BenchConfig:
     max_T: Optional[int] = None         # section 2: longest T (default 8192 on CPU, 32768 on CUDA)
     repeats: int = 5                    # timings are the median of this many runs
     json: str = ""                      # also write the figures to this file
+
+    def __post_init__(self):
+        def need(ok, message):
+            if not ok:
+                raise ValueError(message)
+        need(self.preset in PRESETS, f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+        for name in ("batch_size", "seq_len", "window", "repeats"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
+        need(self.max_T is None or self.max_T >= 1024, f"max_T must be >= 1024 (T runs from 1024); got {self.max_T}")
+        need(cli.valid_device(self.device), f"device must be cpu, cuda or cuda:N; got {self.device!r}")
+        folder = os.path.dirname(os.path.abspath(self.json)) if self.json else "."
+        need(os.path.isdir(folder) and os.access(folder, os.W_OK),
+             f"json: the folder {folder} does not exist or cannot be written; make it first (the figures "
+             f"would otherwise be lost after every section has run)")
 
 
 def timed(fns, repeats, device):
@@ -103,8 +118,7 @@ def bench_attention(cfg, dtype):
 
 def kv_bytes(config, context):
     """Bytes of a bf16 KV cache for one sequence, from the cache object itself (on the meta device)."""
-    return KVCache(config.layout(), config.window, 1, config.n_kv_head, config.n_embd // config.n_head, context,
-                   device="meta", dtype=torch.bfloat16).nbytes()
+    return kv_cache(config, 1, context, device="meta", dtype=torch.bfloat16).nbytes()
 
 
 def bench_kv_cache():
@@ -197,6 +211,8 @@ def main(argv):
         cfg = cli.build(BenchConfig, cli.parse(argv, BenchConfig, allow_file=False))
     except cli.ConfigError as e:
         raise SystemExit(f"argument error: {e}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"device {cfg.device!r}, but torch sees no CUDA GPU here: use --device=cpu")
     dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
     name = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"lightning bench: {name}, torch {torch.__version__}, {dtype}")

@@ -5,9 +5,11 @@ the data/*/prepare.py scripts.
     python train.py config/default.py --n_layer=6 --lr=3e-4 --compile=False
     python train.py --help
 
-A config file is plain Python that assigns names (see config/); `--key=value` overrides come after it, and a
-bare `--flag` means `--flag=True`. Every name must be a field of one of the given dataclasses, and every value
-must fit the field's type; anything else is a ConfigError whose message says what was wrong and what fits.
+A config file is plain Python that assigns names (see config/); several may be given, each building on the
+ones before it (an experiment's arm file after the experiment's shared file); `--key=value` overrides come
+after them, and a bare `--flag` means `--flag=True`. Every name must be a field of one of the given dataclasses,
+and every value must fit the field's type; anything else is a ConfigError whose message says what was wrong and
+what fits.
 `--help` lists every setting with its type, default and meaning: the meaning is the comment beside the field
 in its dataclass, so the documentation cannot drift from the code.
 """
@@ -105,13 +107,13 @@ def parse(argv, *schemas, allow_file=True, nested=()):
         hint = f"; did you mean {', '.join(close)}?" if close else "; --help lists them"
         raise ConfigError(f"unknown setting {key!r} in {where}{hint}")
 
-    settings = {}
+    settings, namespace = {}, {}
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
             settings[key] = check(key, _parse_value(raw) if eq else True, f"--{key}")
         elif allow_file and arg.endswith(".py"):
-            for key, value in _read_file(arg).items():
+            for key, value in _read_file(arg, namespace).items():
                 settings[key] = check(key, value, arg)
         else:
             raise ConfigError(f"unexpected argument {arg!r}: settings are --key=value"
@@ -119,9 +121,9 @@ def parse(argv, *schemas, allow_file=True, nested=()):
     return settings
 
 
-def _read_file(path):
-    """The names a config file assigns (not modules, classes, functions or _private names)."""
-    namespace = {}
+def _read_file(path, namespace):
+    """The names a config file assigns (not modules, classes, functions or _private names). Config files run
+    in order in one namespace, so a later file may build on an earlier one's names, _private ones included."""
     try:
         with open(path) as f:
             exec(compile(f.read(), path, "exec"), namespace)
@@ -133,6 +135,16 @@ def _read_file(path):
         raise ConfigError(f"config file {path} failed while running: {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not isinstance(v, (types.ModuleType, type, types.FunctionType))}
+
+
+def valid_device(name):
+    """Whether torch can parse a device name ("auto", which each script resolves, always can)."""
+    import torch
+    try:
+        torch.device("cpu" if name == "auto" else name)
+        return True
+    except (RuntimeError, TypeError):
+        return False
 
 
 def build(schema, settings):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
 
@@ -25,21 +26,27 @@ def bits_per_byte(token_loss, targets, token_bytes):
     return ((token_loss * (n_bytes > 0)).sum() / (math.log(2) * n_bytes.sum().clamp(min=1))).item()
 
 
+def val_batches(model, tokenizer, corpus, seq_len, batch_size, iters, autocast=nullcontext()):
+    """(targets, Parts) of the model on `iters` val batches of one corpus: the same batches at every call."""
+    loader = MixtureLoader({corpus: 1.0}, tokenizer.name, seq_len, batch_size, split="val", seed=0)
+    device = model.wte.weight.device
+    for _ in range(iters):
+        x, y, _ = loader.next_batch()
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            _, _, parts = model(x, y, parts=True)
+        yield y, parts
+
+
 @torch.no_grad()
 def val_loss(model, tokenizer, corpora, seq_len, batch_size, iters, autocast):
     """{corpus: mean val cross-entropy in nats per token}, {corpus: bits per byte}, on fixed batches."""
     model.eval()
-    device = model.wte.weight.device
-    token_bytes = torch.tensor(tokenizer.token_bytes(), device=device)
+    token_bytes = torch.tensor(tokenizer.token_bytes(), device=model.wte.weight.device)
     nats, bpb = {}, {}
     for name in corpora:
-        loader = MixtureLoader({name: 1.0}, tokenizer.name, seq_len, batch_size, split="val", seed=0)
         ce, bits = 0.0, 0.0
-        for _ in range(iters):
-            x, y, _ = loader.next_batch()
-            x, y = x.to(device), y.to(device)
-            with autocast:
-                _, _, parts = model(x, y, parts=True)
+        for y, parts in val_batches(model, tokenizer, name, seq_len, batch_size, iters, autocast):
             ce += parts.ce.item()
             bits += bits_per_byte(parts.token_loss, y, token_bytes)
         nats[name], bpb[name] = ce / iters, bits / iters
@@ -190,3 +197,51 @@ def stage_end_accuracy(records, stages):
         lines.append(f"  {stages[s].name:<16}" + "".join(f"{acc['level'][k]:>9.0%}" for k in levels) +
                      f"{acc['all']:>7.0%}")
     return lines
+
+
+# -----------------------------------------------------------------------------------------------------
+# The statistics of the evidence experiments (experiment.py): pure functions of tensors
+
+def ranks(x):
+    """1-based ranks of the values of x (flattened), ties sharing the mean of their ranks."""
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    order = x.argsort()
+    _, group, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()
+    mean_rank = last - (counts.double() - 1) / 2  # a tie group holding ranks a..b gets (a + b) / 2
+    r = torch.empty_like(x)
+    r[order] = mean_rank[group]
+    return r
+
+
+def spearman(x, y):
+    """Spearman's rank correlation of two equally long sequences: the Pearson correlation of their ranks
+    (ties averaged). NaN when either is constant: ranks that do not vary correlate with nothing."""
+    rx, ry = ranks(x), ranks(y)
+    if rx.numel() != ry.numel():
+        raise ValueError(f"spearman needs sequences of one length; got {rx.numel()} and {ry.numel()}")
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = (rx.square().sum() * ry.square().sum()).sqrt()
+    return float("nan") if denom == 0 else ((rx * ry).sum() / denom).item()
+
+
+def mean_by_group(values, mask, groups):
+    """{group: mean of values where mask is true, over the rows of that group}. values, mask: (N, T); groups:
+    N labels, one per row. (Experts on the answer tokens of arithmetic problems, by difficulty level.)"""
+    values, mask = torch.as_tensor(values, dtype=torch.float64), torch.as_tensor(mask, dtype=torch.bool)
+    sums, counts = defaultdict(float), defaultdict(int)
+    for row, group in enumerate(groups):
+        sums[group] += values[row][mask[row]].sum().item()
+        counts[group] += int(mask[row].sum())
+    return {g: sums[g] / counts[g] for g in sorted(sums) if counts[g]}
+
+
+def bpb_by_position(token_loss, targets, token_bytes, n_buckets):
+    """Bits per byte in n_buckets equal spans of positions: [bpb of positions 0 .. T/n - 1, ...]. How well
+    a model uses context it has (or has not) been trained on. token_loss, targets: (B, T), T divisible."""
+    T = token_loss.shape[1]
+    if T % n_buckets:
+        raise ValueError(f"{T} positions do not split into {n_buckets} equal buckets")
+    size = T // n_buckets
+    return [bits_per_byte(token_loss[:, i:i + size], targets[:, i:i + size], token_bytes)
+            for i in range(0, T, size)]

@@ -99,6 +99,13 @@ def make_config(settings):
     return GPTConfig(**{k: v for k, v in settings.items() if k not in router_names}, router=router)
 
 
+def kv_cache(config, batch_size, max_len, device=None, dtype=torch.float32):
+    """A KVCache for a model of this config. On the meta device it holds no memory, and its nbytes() is the
+    size it would have: how bench.py and experiment.py measure caches of models too large to build."""
+    return KVCache(config.layout(), config.window, batch_size, config.n_kv_head, config.n_embd // config.n_head,
+                   max_len, device=device, dtype=dtype)
+
+
 class Parts(NamedTuple):
     """What GPT.forward(..., parts=True) returns beside logits and loss: the loss's pieces and the routing."""
     ce: Optional[torch.Tensor]          # mean cross-entropy over the targets (None without targets)
@@ -270,13 +277,11 @@ class GPT(nn.Module):
     def make_cache(self, batch_size, max_len, device=None, dtype=None):
         """A KVCache for this model. Its dtype is autocast's where autocast is on (the keys and values come out
         of the projections in that dtype, and attention reads them in it), else the weights'."""
-        c = self.config
         device = torch.device(device or self.wte.weight.device)
         if dtype is None:
             dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                      else self.wte.weight.dtype)
-        return KVCache(c.layout(), c.window, batch_size, c.n_kv_head, c.n_embd // c.n_head, max_len,
-                       device=device, dtype=dtype)
+        return kv_cache(self.config, batch_size, max_len, device, dtype)
 
     @torch.inference_mode()  # like no_grad, with less per-op bookkeeping: decoding runs many small ops
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, cache=None, on_token=None,

@@ -39,6 +39,18 @@ class SampleConfig:
     device: str = "auto"                # "auto" (cuda if available), "cpu", "cuda", ...
     show_experts: bool = False          # shade each token by its routed experts (terminal + out_dir/experts.png)
 
+    def __post_init__(self):
+        def need(ok, message):
+            if not ok:
+                raise ValueError(message)
+        need(self.checkpoint in ("ckpt", "best"), f"checkpoint must be ckpt or best; got {self.checkpoint!r}")
+        need(self.num_samples >= 1, f"num_samples must be >= 1; got {self.num_samples}")
+        need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
+        need(self.temperature >= 0, f"temperature must be >= 0 (0 is greedy); got {self.temperature}")
+        need(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 (or left out); got {self.top_k}")
+        need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1] (or left out); got {self.top_p}")
+        need(cli.valid_device(self.device), f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+
 
 def load_run(out_dir, which="ckpt", device="cpu"):
     """(model, tokenizer) from a run directory, or SystemExit with a message that says what is wrong. The
@@ -138,18 +150,23 @@ def main(argv):
         cfg = cli.build(SampleConfig, cli.parse(argv, SampleConfig, allow_file=False))
     except cli.ConfigError as e:
         raise SystemExit(f"argument error: {e}")
-    if cfg.checkpoint not in ("ckpt", "best"):
-        raise SystemExit(f"--checkpoint must be ckpt or best; got {cfg.checkpoint!r}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"device {device!r}, but torch sees no CUDA GPU here: use --device=cpu (or auto)")
+    start = cfg.start
+    if start.startswith("FILE:"):
+        try:
+            with open(start[5:], encoding="utf-8") as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"--start=FILE:{start[5:]}: cannot read the prompt file ({e})")
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_run(cfg.out_dir, cfg.checkpoint, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-
-    start = cfg.start
-    if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
-    prompt = tokenizer.encode(start)
+    try:
+        prompt = tokenizer.encode(start)
+    except ValueError as e:  # a char-level run knows only its training text's characters
+        raise SystemExit(f"the prompt cannot be encoded: {e}. Use only characters the run was trained on.")
     if tokenizer.eot is not None:
         prompt = [tokenizer.eot] + prompt  # documents begin after an end-of-text token in training
     idx = torch.tensor([prompt], device=device)

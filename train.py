@@ -19,7 +19,9 @@ Read top to bottom: the settings, the schedule, checkpoints, evaluation, then th
 reads like the story of a run: for each stage, begin it, then train steps, logging, evaluating and saving.
 """
 
+import atexit
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -37,7 +39,7 @@ from tqdm import tqdm
 
 import cli
 import evaluation
-from data.corpus import TOKENIZERS, MixtureLoader, mixture_tokenizer
+from data.corpus import TOKENIZERS, MixtureLoader, check_token_ids, mixture_tokenizer
 from model import GPT, GPTConfig, PRESETS, make_config
 from router import RouterConfig
 
@@ -71,7 +73,8 @@ class Stage:
             value = getattr(self, name)
             need(value is None or isinstance(value, int) and not isinstance(value, bool),
                  f"{name} must be a whole number; got {value!r}")
-        need((self.steps or self.tokens) >= 1, "the budget must be >= 1")
+        budget = self.steps if self.steps is not None else self.tokens
+        need(budget >= 1, f"the budget must be >= 1; got {budget}")
         for name in ("seq_len", "batch_size", "grad_accum"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
         need(self.warmup >= 0, f"warmup must be >= 0; got {self.warmup}")
@@ -124,6 +127,7 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "beta1", "beta2", "grad_clip"):
             need(math.isfinite(getattr(self, name)), f"{name} must be a finite number; got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0; got {self.lr}")
+        need(isinstance(self.out_dir, str) and self.out_dir.strip(), "out_dir must name a folder; got an empty one")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1); got "
              f"{self.beta1}, {self.beta2}")
         for name in ("eval_interval", "eval_iters", "eval_batch_size", "log_interval", "ckpt_interval"):
@@ -196,6 +200,7 @@ def load_config(argv):
         MixtureLoader(stage.mixture, train_cfg.tokenizer, stage.seq_len, 1)
     for corpus in train_cfg.corpora():
         MixtureLoader({corpus: 1.0}, train_cfg.tokenizer, train_cfg.eval_seq_len, 1, split="val")
+        check_token_ids(corpus, train_cfg.tokenizer, tokenizer.vocab_size)
     return train_cfg, model_cfg, tokenizer
 
 
@@ -233,9 +238,67 @@ FREE_TO_CHANGE = {"out_dir", "eval_interval", "log_interval", "ckpt_interval", "
 
 
 def save_atomic(obj, path):
+    """Write to path.tmp, then rename: a crash leaves either the old file or the new one, never half of one.
+    A failed write (a full disk, a folder gone read-only) removes the .tmp and stops with the path."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half of one
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # (torch reports a short write as a RuntimeError)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"could not write {path} ({type(e).__name__}: {str(e)[:200]}). Disk full, or the folder "
+                         f"no longer writable? The previous {os.path.basename(path)}, if any, is intact: free "
+                         f"space and run the same command again to resume from it.")
+
+
+LOCK = "train.lock"
+
+
+def claim_out_dir(cfg):
+    """Check that out_dir can hold this run and take its lock, before anything is written: out_dir must be a
+    folder we can write in, no other live run may be using it, and --resume=False must not overwrite a run.
+    The lock file names our PID and goes when we exit; a lock whose PID is dead (a killed run) is stale."""
+    out_dir, lock = cfg.out_dir, os.path.join(cfg.out_dir, LOCK)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"out_dir {out_dir} is a file, not a folder: choose another --out_dir")
+    if not cfg.resume and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        raise SystemExit(f"out_dir {out_dir} holds a run (ckpt.pt), and --resume=False would overwrite it. To "
+                         f"start over, delete that folder (rm -r {out_dir}) or use another --out_dir.")
+    for attempt in range(2):
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = lock_owner(lock)
+            if pid is not None and pid != os.getpid() and pid_alive(pid):
+                raise SystemExit(f"out_dir {out_dir} is in use by another run (PID {pid}; its lock is {lock}). "
+                                 f"Wait for it, stop it, or use another --out_dir.")
+            os.remove(lock)  # stale: its run is gone
+            continue
+        except OSError as e:
+            raise SystemExit(f"cannot write in out_dir {out_dir} ({e.strerror}): choose a folder you can write to")
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: lock_owner(lock) == os.getpid() and os.remove(lock))
+        return
+    raise SystemExit(f"could not take the lock {lock}: another run keeps taking it")
+
+
+def lock_owner(lock):
+    try:
+        with open(lock) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM  # alive, but someone else's
+    return True
 
 
 def load_checkpoint(path, model_cfg, train_cfg, world_size):
@@ -288,6 +351,8 @@ class Trainer:
         self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
         self.meta = tokenizer.meta()  # what sample.py needs to rebuild the tokenizer
         self.setup_device()
+        if self.master:
+            claim_out_dir(cfg)
         torch.manual_seed(cfg.seed + self.rank)
         self.stage_steps = [s.num_steps(self.world_size) for s in cfg.stages]
         self.corpora = cfg.corpora()
@@ -565,4 +630,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handler is in place (it saves and exits 130)
+        print("interrupted while starting: nothing was trained. Run the same command to start again.",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

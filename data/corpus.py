@@ -168,15 +168,35 @@ def read_meta(name, tokenizer):
     if not os.path.isdir(corpus_dir(name)):
         raise FileNotFoundError(f"unknown corpus {name!r}; corpora in {DATA_DIR}: {', '.join(available_corpora())}")
     directory = prepared_dir(name, tokenizer)
+    how = (f"python data/{name}/prepare.py --tokenizer={tokenizer}"
+           if os.path.isfile(os.path.join(corpus_dir(name), "prepare.py"))
+           else f"python data/text/prepare.py --name={name} --tokenizer={tokenizer} FILES...")
     for file in ("meta.json", "train.bin", "val.bin"):
         if not os.path.isfile(os.path.join(directory, file)):
-            how = (f"python data/{name}/prepare.py --tokenizer={tokenizer}"
-                   if os.path.isfile(os.path.join(corpus_dir(name), "prepare.py"))
-                   else f"python data/text/prepare.py --name={name} --tokenizer={tokenizer} FILES...")
             raise FileNotFoundError(f"corpus {name!r} is not prepared for the {tokenizer} tokenizer ({file} is "
                                     f"missing): run `{how}` (or `python data/prepare.py` for all offline corpora)")
-    with open(os.path.join(directory, "meta.json")) as f:
-        return json.load(f)
+    path = os.path.join(directory, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise ValueError(f"{path} is not a corpus's meta.json ({e}): prepare the corpus again with `{how}`") from None
+    return meta
+
+
+def check_token_ids(name, tokenizer, vocab_size):
+    """Every token id of both splits is below vocab_size: a .bin written by another tokenizer, or damaged, is
+    found at startup rather than as an index error deep in the model. Reads the files in chunks (about a
+    second per GB)."""
+    for split in ("train", "val"):
+        path = os.path.join(prepared_dir(name, tokenizer), f"{split}.bin")
+        data = np.memmap(path, dtype=np.uint16, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint16)
+        largest = max((int(data[i:i + 2 ** 24].max()) for i in range(0, len(data), 2 ** 24)), default=-1)
+        if largest >= vocab_size:
+            raise ValueError(f"{path} holds token id {largest}, beyond the {tokenizer} tokenizer's {vocab_size} "
+                             f"ids: it was written by another tokenizer or is damaged; prepare the corpus again")
 
 
 def mixture_tokenizer(names, tokenizer):

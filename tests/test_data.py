@@ -237,3 +237,21 @@ def test_write_corpus_rejects_large_ids(tmp_path):
             return [70000]
     with pytest.raises(ValueError, match="uint16"):
         write_corpus("x", Wide("byte"), ["a"], ["b"], directory=str(tmp_path))
+
+
+def test_a_damaged_meta_or_foreign_token_ids_are_named(corpora, tmp_path, monkeypatch):
+    import data.corpus as corpus
+    monkeypatch.setattr(corpus, "DATA_DIR", str(tmp_path))
+    os.makedirs(tmp_path / "tiny")
+    write_corpus("tiny", Tokenizer("byte"), ["a long enough training document"], ["a long enough val document"])
+    corpus.check_token_ids("tiny", "byte", 257)  # every id of a byte corpus is below 257
+    train = tmp_path / "tiny" / "byte" / "train.bin"
+    ids = np.fromfile(train, dtype=np.uint16)
+    ids[3] = 300  # an id only a wider tokenizer has
+    ids.tofile(train)
+    with pytest.raises(ValueError, match=r"train.bin holds token id 300, beyond the byte tokenizer's 257 ids"):
+        corpus.check_token_ids("tiny", "byte", 257)
+    meta = tmp_path / "tiny" / "byte" / "meta.json"
+    meta.write_text('{"tokenizer": "byte", ')  # cut short
+    with pytest.raises(ValueError, match=r"meta.json is not a corpus's meta.json .*prepare the corpus again"):
+        read_meta("tiny", "byte")

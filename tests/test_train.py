@@ -145,6 +145,14 @@ def stages_arg(*stages):
     pytest.param(["--device=cuda"], "torch sees no CUDA GPU here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     (["--tokenizer=bpe"], "tokenizer must be one of byte, gpt2, char"),
+    (stages_arg(stage(steps=0)), "the budget must be >= 1"),
+    (stages_arg(stage(steps=2.5)), "steps must be a whole number; got 2.5"),
+    (stages_arg(stage(seq_len="16")), "seq_len must be a whole number; got '16'"),
+    (stages_arg(stage(name="")), "a stage needs a name"),
+    (["--lr=1e999"], "lr must be a finite number; got inf"),
+    (["--out_dir="], "out_dir must name a folder"),
+    (["--out_dir=README.md"], "out_dir README.md is a file, not a folder"),
+    (["--out_dir=README.md/run"], "cannot write in out_dir README.md/run"),
 ])
 def test_bad_configs_exit_with_a_message_and_write_nothing(corpora, tmp_path, args, message):
     out_dir = tmp_path / "never"
@@ -166,7 +174,7 @@ def test_syntax_error_in_a_config_file_names_file_and_line(corpora, tmp_path):
 
 @pytest.mark.parametrize("script,setting", [("train.py", "--eval_seq_len"), ("train.py", "--top_p"),
                                             ("train.py", "--n_kv_head"), ("sample.py", "--top_p"),
-                                            ("bench.py", "--repeats")])
+                                            ("bench.py", "--repeats"), ("experiment.py", "--seeds")])
 def test_help_lists_every_setting_with_its_meaning(script, setting):
     result = run([sys.executable, script, "--help"])
     assert result.returncode == 0 and "Traceback" not in result.stderr
@@ -334,3 +342,59 @@ def test_mfu_from_the_measured_routing_and_the_exact_gpu():
     assert flops_per_token(config, active, 32) == 6 * active + 12 * 16 * (3 * 8 + 32)
     assert mfu(1e9, 1e4, 1e14, world_size=2) == pytest.approx(1e13 / 2e14)
     assert mfu(1e9, 1e4, None) is None
+
+
+def test_a_second_run_in_a_live_runs_out_dir_stops_and_a_stale_lock_does_not(corpora, tmp_path):
+    config = write_config(tmp_path / "c.py", tmp_path / "run", stages=[STAGES[0]])
+    (tmp_path / "run").mkdir()
+    lock = tmp_path / "run" / "train.lock"
+    lock.write_text(str(os.getpid()))  # this test's process: alive
+    result = run([sys.executable, "train.py", config, "--samples=False"])
+    assert result.returncode != 0 and f"in use by another run (PID {os.getpid()}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and sorted(os.listdir(tmp_path / "run")) == ["train.lock"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(str(dead.pid))  # a run killed without its cleanup leaves a lock like this
+    result = run([sys.executable, "train.py", config, "--samples=False"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not lock.exists()  # released at exit
+
+
+def test_resume_false_on_an_existing_run_refuses_and_keeps_its_files(corpora, tmp_path):
+    config = write_config(tmp_path / "c.py", tmp_path / "run", stages=[STAGES[0]])
+    assert run([sys.executable, "train.py", config, "--samples=False"]).returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    result = run([sys.executable, "train.py", config, "--resume=False"])
+    assert result.returncode != 0 and "--resume=False would overwrite it" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
+def test_a_failed_checkpoint_write_says_disk_full_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import train
+    path = str(tmp_path / "ckpt.pt")
+    train.save_atomic({"step": 1}, path)
+
+    def full_disk(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"could not write .*ckpt.pt .*Disk full"):
+        train.save_atomic({"step": 2}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert torch.load(path)["step"] == 1  # the previous checkpoint is intact
+
+
+def test_ctrl_c_while_starting_ends_in_one_line_and_writes_nothing(corpora, tmp_path):
+    config = write_config(tmp_path / "c.py", tmp_path / "run")
+    with open(config, "a") as f:  # a config file is Python: this one takes its time to load
+        f.write("import time as _time\nprint('loading', flush=True)\n_time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "train.py", config], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "loading"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "interrupted while starting: nothing was trained" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()

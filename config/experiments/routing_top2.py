@@ -1,0 +1,3 @@
+# Arm of experiment "routing": every token gets exactly its 2 most probable routed experts (+ the shared one).
+routing = "top_k"
+top_k = 2

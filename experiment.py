@@ -1,0 +1,577 @@
+"""
+Does the recipe work? Four experiments that measure its claims at laptop scale, one command each.
+
+    python experiment.py hybrid          # all-global attention vs 3 local : 1 global with shared K/V
+    python experiment.py routing         # dense MLP vs top-2 vs top-p experts; which tokens get more experts
+    python experiment.py stages          # three stages vs one stage of the same tokens and peak lr
+    python experiment.py long_context    # 128 -> 512 tokens: RoPE base kept, base raised, or no extension
+    python experiment.py all
+    python experiment.py routing --seeds=[1,2,3] --scale=0.2    # a third seed; a fifth of the steps
+
+Each experiment trains every arm once per seed with train.py. An arm is one or two config files under
+config/ (config/experiments/<experiment>.py holds what the arms share), and the exact command of every run is
+printed, so any arm can be run alone. Then it measures the trained models and writes out/experiments/<name>/:
+results.json (every number, per seed), results.md (the tables and the verdicts) and PNG plots.
+
+Tables give the mean ± half the range over seeds. A difference counts only when the arms' seed ranges do not
+overlap; otherwise the verdict says "no difference at this scale". Run again after a kill, an experiment
+resumes: every run continues from its checkpoint, and a finished run only loads its own.
+
+Read top to bottom: the settings and the arms, running them, the verdict rule, the four experiments (each
+measures its runs and returns its tables), and main.
+"""
+
+import json
+import math
+import multiprocessing
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+import cli
+import evaluation
+from model import kv_cache, preset
+from plot import read_metrics, stage_starts
+from sample import load_run, show_experts
+
+import matplotlib.pyplot as plt  # noqa: E402  (after plot, which picks the Agg backend)
+
+
+@dataclass
+class ExperimentConfig:
+    seeds: list = field(default_factory=lambda: [1, 2])  # one run of every arm per seed
+    scale: float = 1.0                  # every stage's steps (and warmup) times this: < 1 for a quick look
+    out_dir: str = "out/experiments"    # an experiment writes <out_dir>/<name>/
+    decode_tokens: int = 4096           # hybrid: tokens decoded to time decoding and its memory at long context
+
+    def __post_init__(self):
+        if not (self.seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds)
+                and len(set(self.seeds)) == len(self.seeds)):
+            raise ValueError(f"seeds must be a non-empty list of distinct whole numbers, e.g. [1, 2]; "
+                             f"got {self.seeds!r}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be > 0; got {self.scale}")
+        if self.decode_tokens < 1:
+            raise ValueError(f"decode_tokens must be >= 1; got {self.decode_tokens}")
+
+
+C = "config/experiments/"
+# experiment -> arm -> the config files of its runs, in order (later files build on earlier ones)
+ARMS = {
+    "hybrid": {"all_global": [C + "hybrid.py", C + "hybrid_all_global.py"],
+               "hybrid": [C + "hybrid.py", C + "hybrid_hybrid.py"]},
+    "routing": {"dense": [C + "routing.py", C + "routing_dense.py"],
+                "top2": [C + "routing.py", C + "routing_top2.py"],
+                "top_p": [C + "routing.py", C + "routing_top_p.py"]},
+    "stages": {"three_stages": ["config/default.py"],  # the quickstart run itself
+               "one_stage": ["config/default.py", C + "stages.py"]},
+    "long_context": {"none": [C + "long_context.py", C + "long_context_none.py"],
+                     "same_base": [C + "long_context.py", C + "long_context_same_base.py"],
+                     "raised_base": [C + "long_context.py", C + "long_context_raised_base.py"]},
+}
+SETTINGS = {"stages": ["--eval_interval=250"]}  # settings every run of an experiment adds (an accuracy curve)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Running the arms: one train.py process per arm and seed
+
+def scaled_stages(files, scale):
+    """The stages the config files define, with every budget and warmup times scale (at least 1 step)."""
+    import train  # (train.py is a script; only this helper needs its parser)
+    stages = []
+    for stage in train.load_config(files)[0].stages:
+        s = asdict(stage)
+        for budget in ("steps", "tokens"):
+            s[budget] = None if s[budget] is None else max(1, round(s[budget] * scale))
+        s["warmup"] = min(round(s["warmup"] * scale), (s["steps"] or 2) - 1)
+        stages.append(s)
+    return stages
+
+
+def train_command(cfg, name, arm, seed):
+    out = os.path.join(cfg.out_dir, name, arm, f"seed{seed}")
+    cmd = [sys.executable, "train.py", *ARMS[name][arm], f"--seed={seed}", f"--out_dir={out}", "--samples=False",
+           "--plots=False", *SETTINGS.get(name, [])]
+    if cfg.scale != 1:
+        cmd.append(f"--stages={scaled_stages(ARMS[name][arm], cfg.scale)!r}")
+    return cmd, out
+
+
+def train_all(cfg, name):
+    """{arm: [run directory per seed]}. Seeds outside, arms inside: the arms of a seed run back to back, so a
+    machine that slows down during the experiment slows every arm alike."""
+    runs = {arm: [] for arm in ARMS[name]}
+    for seed in cfg.seeds:
+        for arm in ARMS[name]:
+            cmd, out = train_command(cfg, name, arm, seed)
+            print(f"\n[{name}] arm {arm}, seed {seed}:\n  {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+            code = subprocess.run(cmd).returncode
+            if code != 0:
+                raise SystemExit(f"[{name}] arm {arm}, seed {seed} stopped with exit code {code}. Run the same "
+                                 f"command again to resume it (finished runs are not trained again).")
+            runs[arm].append(out)
+    return runs
+
+
+# -----------------------------------------------------------------------------------------------------
+# The verdict rule, and the tables
+
+def mean_spread(values):
+    """(mean, half the range) over seeds: with two seeds, the range is all the spread there is to see."""
+    return sum(values) / len(values), (max(values) - min(values)) / 2
+
+
+def cell(values, digits=3):
+    mean, spread = mean_spread(values)
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
+def compare(what, a, a_values, b, b_values, higher_is_better=False, digits=3):
+    """One line of verdict. Arm a or b is better only when their seed ranges do not overlap."""
+    (ma, _), (mb, _) = mean_spread(a_values), mean_spread(b_values)
+    both = f"{a} {cell(a_values, digits)}, {b} {cell(b_values, digits)}"
+    if max(min(a_values), min(b_values)) <= min(max(a_values), max(b_values)):
+        return f"{what}: no difference at this scale ({both}: the seed ranges overlap)"
+    better, worse = (a, b) if (ma > mb) == higher_is_better else (b, a)
+    return (f"{what}: {better} is better than {worse} by {abs(ma - mb):.{digits}f} ({both}: the seed ranges do "
+            f"not overlap)")
+
+
+def markdown(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def last_eval(run):
+    return [r for r in read_metrics(run) if r["kind"] == "eval"][-1]
+
+
+def bpb_rows(runs, corpora):
+    """Table rows: each arm's final val bits per byte per corpus, mean ± half-range over seeds."""
+    return [[arm] + [cell([last_eval(r)["val_bpb"][c] for r in dirs]) for c in corpora] for arm, dirs in runs.items()]
+
+
+def save(fig, folder, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, name), dpi=110)
+    plt.close(fig)
+
+
+def error_bars(ax, x, per_seed, **kw):
+    """A line through the seed means, with bars from the lowest to the highest seed."""
+    means = [sum(v) / len(v) for v in per_seed]
+    low = [m - min(v) for m, v in zip(means, per_seed)]
+    high = [max(v) - m for m, v in zip(means, per_seed)]
+    ax.errorbar(x, means, yerr=[low, high], capsize=3, marker="o", ms=4, **kw)
+
+
+# -----------------------------------------------------------------------------------------------------
+# 1. hybrid: all-global vs 3 local : 1 global with shared K/V
+
+def kv_formula(config, context, bytes_per_value=2):
+    """KV-cache bytes of one sequence, from the layout alone: K and V of n_kv_head heads per position kept,
+    which is every position for a global layer, the last `window` for a local one, none for a sharing one."""
+    kept = {"G": context, "L": min(config.window, context), "S": 0}
+    return sum(2 * config.n_kv_head * (config.n_embd // config.n_head) * bytes_per_value * kept[kind]
+               for kind in config.layout())
+
+
+def kv_measured(config, context):
+    """Bytes of a bf16 KV cache for one sequence, measured on the cache object (on the meta device)."""
+    return kv_cache(config, 1, context, device="meta", dtype=torch.bfloat16).nbytes()
+
+
+def resident_memory():
+    """Bytes of this process's memory that are resident now (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def decode_in_fresh_process(run, new_tokens):
+    """Greedy decoding of new_tokens after a one-token prompt, in a fresh process (so that what it holds is this
+    decoding's alone): tokens/s, the KV cache's bytes, and how much more memory the process holds after it."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_decode, (run, new_tokens))
+
+
+def _decode(run, new_tokens):
+    model, tokenizer = load_run(run)
+    idx = torch.tensor([[tokenizer.eot]])
+    model.generate(idx, 32, temperature=0)  # warm up
+    before = resident_memory()
+    t0 = time.perf_counter()
+    cache = model.make_cache(1, 1 + new_tokens)
+    model.generate(idx, new_tokens, temperature=0, cache=cache)
+    seconds = time.perf_counter() - t0
+    after = resident_memory()  # (the cache is still held here: what decoding this long keeps resident)
+    return {"tokens_per_s": new_tokens / seconds, "kv_cache_bytes": cache.nbytes(),
+            "memory_rise_bytes": None if before is None else after - before}
+
+
+def hybrid(cfg, runs, folder):
+    corpora = list(last_eval(runs["all_global"][0])["val_bpb"])
+    configs = {arm: load_run(dirs[0])[0].config for arm, dirs in runs.items()}
+    configs["yi_lightning_like"] = preset("yi_lightning_like")
+    contexts = [2 ** i for i in range(8, 17)]
+    kv = {arm: {n: kv_measured(c, n) for n in contexts} for arm, c in configs.items()}
+    for arm, c in configs.items():
+        if any(kv[arm][n] != kv_formula(c, n) for n in contexts):
+            raise RuntimeError(f"{arm}: the KV cache's size differs from the formula: a bug in one of them")
+    results = {"arms": {}, "kv_bytes_bf16": kv}
+    for arm, dirs in runs.items():
+        model = load_run(dirs[0])[0]
+        results["arms"][arm] = {
+            "layout": "".join(model.config.layout()), "params": model.num_params(),
+            "val_bpb": {c: [last_eval(r)["val_bpb"][c] for r in dirs] for c in corpora},
+            "train_tokens_per_s": [median_tok_s(r) for r in dirs],
+            "decode": decode_in_fresh_process(dirs[0], cfg.decode_tokens)}
+    a = results["arms"]
+    lines = ["Val bits per byte at the end (seq_len 256, window 64):", ""]
+    lines += markdown(["arm", "layout", "params"] + corpora + ["train tokens/s"],
+                      [[arm, a[arm]["layout"], f"{a[arm]['params']:,}"] + row[1:] +
+                       [cell(a[arm]["train_tokens_per_s"], 0)] for arm, row in zip(runs, bpb_rows(runs, corpora))])
+    lines += ["", f"Decoding {cfg.decode_tokens} tokens (greedy, batch 1, fp32, seed {cfg.seeds[0]}'s model), and "
+              "bf16 KV-cache bytes per sequence (measured on the cache object; equal to the formula):", ""]
+    yi = kv["yi_lightning_like"]
+    lines += markdown(["arm", "decode tokens/s", "KV cache at decode end", "resident memory rise", "KV at 4K",
+                       "KV at 64K"],
+                      [[arm, f"{a[arm]['decode']['tokens_per_s']:.0f}", mib(a[arm]["decode"]["kv_cache_bytes"]),
+                        mib(a[arm]["decode"]["memory_rise_bytes"]), mib(kv[arm][4096]), mib(kv[arm][65536])]
+                       for arm in runs] + [["yi_lightning_like (hybrid)", "", "", "", mib(yi[4096]), mib(yi[65536])]])
+    verdicts = [compare(f"val bpb {c}", "hybrid", a["hybrid"]["val_bpb"][c], "all_global",
+                        a["all_global"]["val_bpb"][c]) for c in corpora]
+    verdicts.append(compare("training tokens/s", "hybrid", a["hybrid"]["train_tokens_per_s"], "all_global",
+                            a["all_global"]["train_tokens_per_s"], higher_is_better=True, digits=0))
+    verdicts.append(f"KV cache at 64K: hybrid / all-global = {kv['hybrid'][65536] / kv['all_global'][65536]:.3f} "
+                    f"(the trained shape); decoding {cfg.decode_tokens} tokens: hybrid "
+                    f"{a['hybrid']['decode']['tokens_per_s'] / a['all_global']['decode']['tokens_per_s']:.2f}x "
+                    f"the tokens/s of all-global")
+    plot_kv(kv, configs, contexts, folder)
+    return results, lines, verdicts
+
+
+def mib(n):
+    return "n/a" if n is None else f"{n / 2 ** 20:.2f} MiB"
+
+
+def median_tok_s(run):
+    """Median training tokens/s over the run's log lines (the first is left out: it times the warm-up)."""
+    rates = sorted(r["tok_s"] for r in read_metrics(run) if r["kind"] == "train")[1:] or [float("nan")]
+    return rates[len(rates) // 2]
+
+
+def plot_kv(kv, configs, contexts, folder):
+    full_yi = replace(configs["yi_lightning_like"], attn_pattern="G", share_kv=False)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, style in (("all_global", "C0--"), ("hybrid", "C0-"), ("yi_lightning_like", "C3-")):
+        ax.plot(contexts, [kv[arm][n] for n in contexts], style, marker="o", ms=3,
+                label=f"{arm.replace('_', ' ')}: {''.join(configs[arm].layout()[:8])}")
+    ax.plot(contexts, [kv_measured(full_yi, n) for n in contexts], "C3--", marker="o", ms=3,
+            label="yi lightning like, all global")
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV cache per sequence (bytes, bf16)",
+           title="KV cache vs context: the trained shapes (blue) and a Yi-Lightning-like shape (red)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    save(fig, folder, "kv_cache.png")
+
+
+# -----------------------------------------------------------------------------------------------------
+# 2. routing: dense vs top-2 vs top-p, and which tokens top-p gives more experts
+
+# A passage shaded token by token by its experts: Shakespeare, arithmetic of rising difficulty, and code.
+PASSAGE = ("ROMEO:\nBut soft, what light through yonder window breaks?\n\n3+4=7\n52+37=89\n604-219=385\n"
+           "17*23=391\n\n    def __init__(self, name):\n        self.name = name\n")
+
+
+@torch.no_grad()
+def routing_stats(model, tokenizer, corpora, seq_len=128, batch_size=8, iters=8):
+    """What top-p routing did on the val data: experts per token overall, by corpus, by MoE layer, by loss
+    decile, their rank correlation with the token's loss, and on arithmetic answers by difficulty level."""
+    losses, experts, by_corpus, by_layer = [], [], {}, []
+    for name in corpora:
+        seen = []
+        for _, parts in evaluation.val_batches(model, tokenizer, name, seq_len, batch_size, iters):
+            per_layer = torch.stack([r.experts_per_token.float() for r in parts.routing])  # (layers, B, T)
+            by_layer.append(per_layer.mean((1, 2)))
+            losses.append(parts.token_loss.flatten())
+            seen.append(per_layer.mean(0).flatten())
+        experts += seen
+        by_corpus[name] = torch.cat(seen).mean().item()
+    loss, experts = torch.cat(losses), torch.cat(experts)
+    order = loss.argsort()
+    deciles = [(loss[i].mean().item(), experts[i].mean().item()) for i in order.chunk(10)]
+    return {"experts_per_token": experts.mean().item(), "by_corpus": by_corpus,
+            "by_layer": torch.stack(by_layer).mean(0).tolist(),
+            "spearman_loss_experts": evaluation.spearman(loss, experts),
+            "by_loss_decile": deciles, **answers_by_level(model, tokenizer)}
+
+
+def answer_batch(tokenizer, problems):
+    """Inputs, targets and the answer mask for held-out problems, right-padded (later positions cannot change
+    earlier ones). The mask marks the positions whose next token is part of the answer: where it is computed."""
+    splits = [evaluation.scoring_split(tokenizer, p["prompt"], p["answer"]) for p in problems]
+    T = max(len(c) + len(e) for c, e in splits) - 1
+    idx = torch.full((len(splits), T), tokenizer.eot)
+    targets = torch.full((len(splits), T), -1)
+    for row, (context, expected) in enumerate(splits):
+        seq = context + expected
+        idx[row, :len(seq) - 1] = torch.tensor(seq[:-1])
+        targets[row, len(context) - 1:len(seq) - 1] = torch.tensor(expected)
+    return idx, targets, targets != -1
+
+
+def answers_by_level(model, tokenizer, per_level=100):
+    problems = evaluation.read_problems(per_level)
+    idx, targets, mask = answer_batch(tokenizer, problems)
+    _, _, parts = model(idx, targets, parts=True)
+    experts = torch.stack([r.experts_per_token.float() for r in parts.routing]).mean(0)
+    levels = [p["difficulty"] for p in problems]
+    return {"answer_experts_by_level": evaluation.mean_by_group(experts, mask, levels),
+            "answer_loss_by_level": evaluation.mean_by_group(parts.token_loss, mask, levels)}
+
+
+def routing(cfg, runs, folder):
+    corpora = list(last_eval(runs["dense"][0])["val_bpb"])
+    results = {"arms": {}}
+    for arm, dirs in runs.items():
+        models = [load_run(r) for r in dirs]
+        stats = [routing_stats(m, t, corpora) if m.moe_layers() else None for m, t in models]
+        experts = [s["experts_per_token"] if s else None for s in stats]
+        results["arms"][arm] = {
+            "val_bpb": {c: [last_eval(r)["val_bpb"][c] for r in dirs] for c in corpora},
+            "params": models[0][0].num_params(),
+            "active_params": [m.num_params(True, s["by_layer"]) if s else m.num_params(True) for (m, _), s in
+                              zip(models, stats)],
+            "experts_per_token": experts, "routing": stats}
+    a = results["arms"]
+    lines = ["Val bits per byte at the end, and what a token uses:", ""]
+    lines += markdown(["arm", "params", "active params/token", "routed experts/token"] + corpora,
+                      [[arm, f"{a[arm]['params']:,}", cell(a[arm]["active_params"], 0),
+                        cell(a[arm]["experts_per_token"], 2) if a[arm]["routing"][0] else "dense"] + row[1:]
+                       for arm, row in zip(runs, bpb_rows(runs, corpora))])
+    lines += difficulty_table(a["top_p"]["routing"])
+    verdicts = [compare(f"val bpb {c}", "top_p", a["top_p"]["val_bpb"][c], other, a[other]["val_bpb"][c])
+                for other in ("top2", "dense") for c in corpora]
+    verdicts += difficulty_verdicts(a["top_p"]["routing"])
+    plot_difficulty(a["top_p"]["routing"], folder)
+    model, tokenizer = load_run(runs["top_p"][0])
+    show_experts(model, tokenizer, [tokenizer.eot] + tokenizer.encode(PASSAGE), os.path.join(folder, "passage.png"))
+    return results, lines, verdicts
+
+
+def difficulty_table(stats):
+    """The top-p arm's experts per token by what the token is, mean ± half-range over seeds."""
+    levels = list(stats[0]["answer_experts_by_level"])
+    rows = [["all val tokens", cell([s["experts_per_token"] for s in stats], 2)]]
+    rows += [[f"val {c}", cell([s["by_corpus"][c] for s in stats], 2)] for c in stats[0]["by_corpus"]]
+    rows += [[f"MoE layer {i + 1} (of {len(stats[0]['by_layer'])})", cell([s["by_layer"][i] for s in stats], 2)]
+             for i in range(len(stats[0]["by_layer"]))]
+    rows += [[f"arith answers, level {lv} (answer loss {cell([s['answer_loss_by_level'][lv] for s in stats], 2)})",
+              cell([s["answer_experts_by_level"][lv] for s in stats], 2)] for lv in levels]
+    rows += [["Spearman rank correlation, token loss vs experts",
+              cell([s["spearman_loss_experts"] for s in stats], 3)]]
+    return ["", "top-p arm: routed experts per token (mean over MoE layers) by what the token is:", ""] + \
+        markdown(["tokens", "routed experts/token"], rows)
+
+
+def difficulty_verdicts(stats):
+    rho = [s["spearman_loss_experts"] for s in stats]
+    levels = list(stats[0]["answer_experts_by_level"])
+    lo, hi = levels[0], max(levels, key=lambda lv: sum(s["answer_loss_by_level"][lv] for s in stats))
+    sign = ("undefined: every token got the same number of experts" if any(math.isnan(r) for r in rho) else
+            "positive in every seed" if min(rho) > 0 else "negative in every seed" if max(rho) < 0 else
+            "its sign varies with the seed")
+    return [f"harder tokens, more experts? Spearman(token loss, experts) = {cell(rho, 3)} over seeds ({sign})",
+            compare(f"experts on arithmetic answers, hardest level by loss ({hi}) vs level {lo}", f"level {hi}",
+                    [s["answer_experts_by_level"][hi] for s in stats], f"level {lo}",
+                    [s["answer_experts_by_level"][lo] for s in stats], higher_is_better=True).replace(
+                        "is better than", "gets more experts than")]
+
+
+def plot_difficulty(stats, folder):
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    n = len(stats[0]["by_loss_decile"])
+    error_bars(axes[0], range(1, n + 1), [[s["by_loss_decile"][i][1] for s in stats] for i in range(n)])
+    axes[0].set(xlabel="token loss decile (1 = easiest)", ylabel="routed experts per token",
+                title=f"Experts by loss (Spearman {cell([s['spearman_loss_experts'] for s in stats], 2)})")
+    levels = list(stats[0]["answer_experts_by_level"])
+    error_bars(axes[1], levels, [[s["answer_experts_by_level"][lv] for s in stats] for lv in levels])
+    axes[1].set(xlabel="arith level (1: 1-digit +-, 2-4: more digits, 5: products)", title="Experts on arith answers")
+    names = list(stats[0]["by_corpus"])
+    error_bars(axes[2], names, [[s["by_corpus"][c] for s in stats] for c in names], ls="none")
+    axes[2].set(title="Experts by corpus")
+    layers = range(1, len(stats[0]["by_layer"]) + 1)
+    error_bars(axes[3], list(layers), [[s["by_layer"][i - 1] for s in stats] for i in layers])
+    axes[3].set(xlabel="MoE layer (1 = lowest)", title="Experts by layer")
+    for ax in axes:
+        ax.title.set_fontsize(10)
+    save(fig, folder, "routing_difficulty.png")
+
+
+# -----------------------------------------------------------------------------------------------------
+# 3. stages: three stages vs one stage of the same tokens and peak lr
+
+def stages(cfg, runs, folder):
+    first = last_eval(runs["three_stages"][0])
+    corpora, levels = list(first["val_bpb"]), list(first["arith_accuracy"]["level"])
+    results = {"arms": {}}
+    for arm, dirs in runs.items():
+        ends = [last_eval(r) for r in dirs]
+        curves = [[(r["tokens"], r["arith_accuracy"]["all"]) for r in read_metrics(d) if "arith_accuracy" in r]
+                  for d in dirs]
+        results["arms"][arm] = {
+            "val_bpb": {c: [e["val_bpb"][c] for e in ends] for c in corpora},
+            "arith_by_level": {lv: [e["arith_accuracy"]["level"][lv] for e in ends] for lv in levels},
+            "arith_all": [e["arith_accuracy"]["all"] for e in ends], "curves": curves}
+    a = results["arms"]
+    lines = ["Held-out arithmetic exact match at the end, by level (1: 1-digit +-, 2-4: 2- to 4-digit +-, "
+             "5: 2-digit products):", ""]
+    lines += markdown(["arm"] + [f"level {lv}" for lv in levels] + ["all"],
+                      [[arm] + [cell(a[arm]["arith_by_level"][lv], 2) for lv in levels] + [cell(a[arm]["arith_all"], 2)]
+                       for arm in runs])
+    lines += ["", "Val bits per byte at the end:", ""] + markdown(["arm"] + corpora, bpb_rows(runs, corpora))
+    verdicts = [compare("arith exact match, all levels", "three_stages", a["three_stages"]["arith_all"], "one_stage",
+                        a["one_stage"]["arith_all"], higher_is_better=True)]
+    verdicts += [compare(f"arith exact match, level {lv}", "three_stages", a["three_stages"]["arith_by_level"][lv],
+                         "one_stage", a["one_stage"]["arith_by_level"][lv], higher_is_better=True) for lv in levels]
+    verdicts += [compare(f"val bpb {c}", "three_stages", a["three_stages"]["val_bpb"][c], "one_stage",
+                         a["one_stage"]["val_bpb"][c]) for c in corpora]
+    boundaries = stage_starts([r for r in read_metrics(runs["three_stages"][0]) if r["kind"] == "train"])
+    plot_curves(a, boundaries, folder)
+    return results, lines, verdicts
+
+
+def plot_curves(arms, boundaries, folder):
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, (arm, r) in enumerate(arms.items()):
+        for seed, curve in enumerate(r["curves"]):
+            ax.plot(*zip(*curve), color=f"C{i}", lw=1.8 if seed == 0 else 1, alpha=1 if seed == 0 else 0.6,
+                    marker="o", ms=3, label=arm if seed == 0 else None)
+    ax.set(xlabel="tokens", ylabel="exact match, all levels", ylim=(0, 1.02),
+           title="Held-out arithmetic over training (one line per seed); dashed: three_stages' stage starts")
+    ax.title.set_fontsize(9)
+    for tokens, stage in boundaries:
+        ax.axvline(tokens, color="k", ls="--", lw=0.8)
+    ax.legend(fontsize=8)
+    save(fig, folder, "stages_accuracy.png")
+
+
+# -----------------------------------------------------------------------------------------------------
+# 4. long_context: train at 128, extend to 512 with the RoPE base kept or raised, or not at all
+
+@torch.no_grad()
+def position_bpb(model, tokenizer, corpora, seq_len=512, n_buckets=4, batch_size=4, iters=16):
+    """{corpus: val bits per byte in n_buckets spans of positions of seq_len-token sequences}."""
+    token_bytes = torch.tensor(tokenizer.token_bytes())
+    out = {}
+    for name in corpora:
+        per_batch = []
+        for y, parts in evaluation.val_batches(model, tokenizer, name, seq_len, batch_size, iters):
+            per_batch.append(evaluation.bpb_by_position(parts.token_loss, y, token_bytes, n_buckets))
+        out[name] = [sum(col) / iters for col in zip(*per_batch)]
+    return out
+
+
+def long_context(cfg, runs, folder):
+    corpora = list(last_eval(runs["none"][0])["val_bpb"])
+    seq_len, n_buckets = 512, 4
+    buckets = [f"{i * seq_len // n_buckets}-{(i + 1) * seq_len // n_buckets - 1}" for i in range(n_buckets)]
+    results = {"positions": buckets, "arms": {}}
+    for arm, dirs in runs.items():
+        per_seed = [position_bpb(*load_run(r), corpora, seq_len, n_buckets) for r in dirs]
+        mean = [[sum(s[c][i] for c in corpora) / len(corpora) for i in range(n_buckets)] for s in per_seed]
+        results["arms"][arm] = {"bpb_by_position": per_seed, "bpb_by_position_mean_of_corpora": mean,
+                                "val_bpb_512": {c: [last_eval(r)["val_bpb"][c] for r in dirs] for c in corpora}}
+    a = results["arms"]
+    lines = [f"Val bits per byte of {seq_len}-token sequences by position (mean of {', '.join(corpora)}):", ""]
+    lines += markdown(["arm"] + [f"positions {b}" for b in buckets],
+                      [[arm] + [cell([m[i] for m in a[arm]["bpb_by_position_mean_of_corpora"]])
+                                for i in range(n_buckets)] for arm in runs])
+    last = {arm: [m[-1] for m in a[arm]["bpb_by_position_mean_of_corpora"]] for arm in runs}
+    first = {arm: [m[0] for m in a[arm]["bpb_by_position_mean_of_corpora"]] for arm in runs}
+    verdicts = [compare(f"bpb at positions {buckets[-1]}", "raised_base", last["raised_base"], "same_base",
+                        last["same_base"]),
+                compare(f"bpb at positions {buckets[-1]}", "same_base", last["same_base"], "none", last["none"]),
+                compare(f"bpb at positions {buckets[0]} (within the first stage's context)", "raised_base",
+                        first["raised_base"], "none", first["none"])]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm in runs:
+        error_bars(ax, buckets, [[m[i] for m in a[arm]["bpb_by_position_mean_of_corpora"]] for i in range(n_buckets)],
+                   label=arm)
+    ax.axvline(0.5, color="k", ls="--", lw=0.8)
+    ax.set(xlabel="positions in a 512-token sequence (first stage trained at 128)", ylabel="val bits per byte",
+           title="Loss by position at 512 tokens")
+    ax.legend(fontsize=8)
+    save(fig, folder, "long_context.png")
+    return results, lines, verdicts
+
+
+# -----------------------------------------------------------------------------------------------------
+
+EXPERIMENTS = {"hybrid": hybrid, "routing": routing, "stages": stages, "long_context": long_context}
+
+
+def plain(x):
+    """JSON-ready: NaN (a correlation with a constant) becomes None; tuples become lists."""
+    if isinstance(x, float):
+        return None if math.isnan(x) else x
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    return x
+
+
+def run_experiment(cfg, name):
+    t0 = time.time()
+    runs = train_all(cfg, name)
+    folder = os.path.join(cfg.out_dir, name)
+    print(f"\n[{name}] measuring the trained models", flush=True)
+    results, lines, verdicts = EXPERIMENTS[name](cfg, runs, folder)
+    minutes = (time.time() - t0) / 60
+    command = " ".join(["python experiment.py", name] + [f"--{k}={v}" for k, v in asdict(cfg).items()
+                                                         if v != getattr(ExperimentConfig(), k)])
+    results.update(command=command, seeds=cfg.seeds, scale=cfg.scale, minutes=minutes,
+                   runs={arm: [" ".join(shlex.quote(c) for c in train_command(cfg, name, arm, s)[0][1:])
+                               for s in cfg.seeds] for arm in runs}, verdicts=verdicts)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(plain(results), f, indent=1)
+    report = ([f"# Experiment: {name}", "", f"`{command}`: {len(cfg.seeds)} seeds ({', '.join(map(str, cfg.seeds))}) "
+               f"per arm, {minutes:.1f} minutes on this machine. Cells: mean ± half the range over seeds.", ""]
+              + lines + ["", "Verdicts (a difference counts only when the seed ranges do not overlap):", ""]
+              + [f"- {v}" for v in verdicts])
+    with open(os.path.join(folder, "results.md"), "w") as f:
+        f.write("\n".join(report) + "\n")
+    print("\n".join(report))
+    print(f"\nwritten to {folder}/: results.json, results.md and " +
+          ", ".join(sorted(f for f in os.listdir(folder) if f.endswith(".png"))))
+
+
+def main(argv):
+    names = list(EXPERIMENTS) + ["all"]
+    if not argv or argv[0] not in names:
+        print(__doc__.strip().split("\n\n")[1])
+        if argv and argv[0] in ("-h", "--help"):
+            cli.parse(argv, ExperimentConfig, allow_file=False)
+        raise SystemExit(f"usage: python experiment.py {{{'|'.join(names)}}} [--key=value ...]"
+                         + (f"; unknown experiment {argv[0]!r}" if argv else ""))
+    try:
+        cfg = cli.build(ExperimentConfig, cli.parse(argv[1:], ExperimentConfig, allow_file=False))
+    except cli.ConfigError as e:
+        raise SystemExit(f"argument error: {e}")
+    subprocess.run([sys.executable, os.path.join("data", "prepare.py")], check=True, stdout=subprocess.DEVNULL)
+    for name in EXPERIMENTS if argv[0] == "all" else [argv[0]]:
+        run_experiment(cfg, name)
+
+
+if __name__ == "__main__":
+    os.chdir(os.path.dirname(os.path.abspath(__file__)))  # the config paths are relative to the repository
+    main(sys.argv[1:])
