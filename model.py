@@ -264,6 +264,9 @@ class GPT(nn.Module):
             per_expert = 3 * c.n_embd * c.expert_hidden * len(moes)
             line += (f"; active per token {self.num_params(True, 0) / 1e6:.2f}M + {per_expert / 1e6:.3f}M "
                      f"per routed expert")
+            if any(2 * n % 16 for n in (c.n_embd, c.expert_hidden)):  # bf16 rows must be 16-byte multiples
+                line += (f" (on a GPU the experts run one at a time: bf16 rows of n_embd={c.n_embd} and "
+                         f"expert_hidden={c.expert_hidden} are not multiples of 16 bytes, as grouped GEMM needs)")
         return line
 
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
@@ -315,6 +318,17 @@ class GPT(nn.Module):
             if i < max_new_tokens - 1:  # the last token needs no logits after it
                 logits, _ = self(next_token, cache=cache)
         return idx
+
+
+def compiled(model, backend="inductor"):
+    """torch.compile(model), with the MoE's data-dependent dispatch traced into the graph: which tokens go to
+    which expert (nonzero) and how many each gets (read with tolist on the loop path) would otherwise break
+    the graph once or twice per MoE layer, and every stage's new sequence length would then recompile each
+    piece, until Dynamo's limit of 8 versions leaves the rest uncompiled. Traced, a training step is one
+    graph, and a change of shape costs one recompile (after which that dimension is dynamic)."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    torch._dynamo.config.capture_scalar_outputs = True
+    return torch.compile(model, backend=backend)
 
 
 # -----------------------------------------------------------------------------------------------------

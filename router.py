@@ -187,15 +187,21 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def grouped_mm_available(x, w):
-    """torch._grouped_mm runs in fp32 on CPU and in bf16 on Hopper-class GPUs (torch >= 2.8); it needs
-    rows of x and of w that are multiples of 16 bytes."""
+def grouped_mm_supported(device_type, dtype, capability, sizes):
+    """Whether the grouped-GEMM expert path is known to be right here: fp32 on CPU, or bf16 on Hopper (compute
+    capability 9.x) only. On Blackwell (10.x) experts that get no tokens receive non-zero weight gradients from
+    torch._grouped_mm (an open PyTorch issue), so the loop path runs there. sizes: the row lengths of the
+    tokens and the weights (n_embd, expert_hidden), each a multiple of 16 bytes as the kernel needs."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], w.shape[1], w.shape[2]))
-    device_ok = x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16
-                                           and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    aligned = all(n * dtype.itemsize % 16 == 0 for n in sizes)
+    device_ok = device_type == "cpu" or (device_type == "cuda" and dtype == torch.bfloat16 and capability[0] == 9)
     return aligned and device_ok
+
+
+def grouped_mm_available(x, w):
+    capability = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
+    return grouped_mm_supported(x.device.type, x.dtype, capability, (x.shape[1], w.shape[1], w.shape[2]))
 
 
 def compute_dtype(x):

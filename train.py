@@ -40,7 +40,7 @@ from tqdm import tqdm
 import cli
 import evaluation
 from data.corpus import TOKENIZERS, MixtureLoader, check_token_ids, mixture_tokenizer
-from model import GPT, GPTConfig, PRESETS, make_config
+from model import GPT, GPTConfig, PRESETS, compiled, make_config
 from router import RouterConfig
 
 
@@ -368,7 +368,7 @@ class Trainer:
         self.prepare_out_dir(resumed=self.loader_state is not None)
         self.model = self.raw_model
         if cfg.compile if cfg.compile is not None else self.device_type == "cuda":
-            self.model = torch.compile(self.model)
+            self.model = compiled(self.model)
         if self.ddp:
             self.model = DDP(self.model,
                              device_ids=[torch.cuda.current_device()] if self.device_type == "cuda" else None)

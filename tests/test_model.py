@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, PRESETS, make_config, preset
+from model import GPT, GPTConfig, PRESETS, compiled, make_config, preset
 
 SMALL = dict(vocab_size=101, block_size=64, n_layer=8, n_head=4, n_kv_head=2, n_embd=32, window=4,
              attn_pattern="LLLG", share_kv=True, n_experts=6, n_shared=1, expert_hidden=16, mlp_hidden=48)
@@ -184,7 +184,7 @@ def train_losses(steps=3, autocast=False, backend=None, expert_gemm="auto"):
     for moe in model.moe_layers():
         moe.expert_gemm = expert_gemm
     opt = model.configure_optimizer(0.1, 3e-3, (0.9, 0.95), "cpu")
-    forward = torch.compile(model, backend=backend) if backend else model
+    forward = compiled(model, backend=backend) if backend else model
     data = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):
@@ -228,3 +228,20 @@ def test_every_weight_is_initialised_as_documented():
         expected = out_std if name.endswith(("o_proj.weight", "w2.weight", "ffn.w2")) else 0.02
         assert p.std().item() == pytest.approx(expected, rel=0.1), name
         assert abs(p.mean().item()) < 0.2 * expected, name
+
+
+def test_a_compiled_training_step_is_one_graph_and_a_new_seq_len_one_recompile():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**SMALL, "vocab_size": 64, "n_layer": 2, "attn_pattern": "LG", "share_kv": False}),
+                verbose=False)  # a dense layer, then a MoE layer
+    counter = CompileCounterWithBackend("aot_eager")
+    forward = compiled(model, backend=counter)
+    frames = []
+    for T in (16, 16, 24, 32):  # stages change seq_len; the second change finds T already dynamic
+        x = torch.randint(0, 64, (2, T))
+        _, loss, _ = forward(x, x.roll(-1, 1), parts=True)
+        loss.backward()
+        frames.append(counter.frame_count)
+    assert frames == [1, 1, 2, 2]  # one graph (a break would make 2 frames per step), one recompile

@@ -224,3 +224,23 @@ def test_router_settings_travel_with_the_state_dict():
     fresh.load_state_dict(moe.state_dict())
     assert fresh.config == RouterConfig(routing="top_k", top_k=3, entropy_loss=0.0)
     assert (fresh(torch.randn(5, 16))[2].experts_per_token == 3).all()
+
+
+def test_the_grouped_gemm_path_is_admitted_only_where_it_is_known_to_be_right():
+    from router import grouped_mm_supported
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm: the loop path runs everywhere")
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert grouped_mm_supported("cuda", bf16, (9, 0), (768, 512))       # Hopper
+    assert not grouped_mm_supported("cuda", bf16, (10, 0), (768, 512))  # Blackwell: wrong empty-expert grads
+    assert not grouped_mm_supported("cuda", bf16, (8, 0), (768, 512))   # Ampere: no kernel
+    assert not grouped_mm_supported("cuda", fp32, (9, 0), (768, 512))   # fp32 on GPU: no kernel
+    assert not grouped_mm_supported("cuda", bf16, (9, 0), (64, 44))     # 88-byte rows
+    assert grouped_mm_supported("cpu", fp32, None, (64, 44))            # 176-byte fp32 rows
+    assert not grouped_mm_supported("cpu", fp32, None, (64, 43))
+
+
+def test_describe_says_when_experts_cannot_take_the_grouped_path_on_a_gpu():
+    from model import GPT, preset
+    assert "one at a time" in GPT(preset("tiny", expert_hidden=44), verbose=False).describe()
+    assert "one at a time" not in GPT(preset("tiny", expert_hidden=48), verbose=False).describe()
