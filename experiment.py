@@ -135,6 +135,8 @@ def compare(what, a, a_values, b, b_values, higher_is_better=False, digits=3):
     """One line of verdict. Arm a or b is better only when their seed ranges do not overlap."""
     (ma, _), (mb, _) = mean_spread(a_values), mean_spread(b_values)
     both = f"{a} {cell(a_values, digits)}, {b} {cell(b_values, digits)}"
+    if min(len(a_values), len(b_values)) < 2:  # one seed has no spread to judge a difference against
+        return f"{what}: no verdict from one seed per arm ({both}); run two or more, e.g. --seeds=[1,2]"
     if max(min(a_values), min(b_values)) <= min(max(a_values), max(b_values)):
         return f"{what}: no difference at this scale ({both}: the seed ranges overlap)"
     better, worse = (a, b) if (ma > mb) == higher_is_better else (b, a)

@@ -71,6 +71,7 @@ def test_a_difference_inside_the_seed_spread_is_no_difference():
     verdict = experiment.compare("accuracy", "a", [0.5, 0.6], "b", [0.1, 0.2], higher_is_better=True)
     assert "a is better than b by 0.400" in verdict
     assert experiment.mean_spread([1.0, 2.0, 4.0]) == (7 / 3, 1.5)
+    assert "no verdict from one seed" in experiment.compare("bpb", "a", [1.0], "b", [2.0])
 
 
 def test_kv_cache_bytes_measured_on_the_cache_equal_the_formula_and_a_hand_count():
