@@ -14,8 +14,9 @@ printed, so any arm can be run alone. Then it measures the trained models and wr
 results.json (every number, per seed), results.md (the tables and the verdicts) and PNG plots.
 
 Tables give the mean ± half the range over seeds. A difference counts only when the arms' seed ranges do not
-overlap; otherwise the verdict says "no difference at this scale" (one seed per arm gives no verdict). Run again after a kill, an experiment
-resumes: every run continues from its checkpoint, and a finished run only loads its own.
+overlap; otherwise the verdict says "no difference at this scale" (one seed per arm gives no verdict). Run
+again after a kill, an experiment resumes: every run continues from its checkpoint, and a finished run only
+loads its own.
 
 Read top to bottom: the settings and the arms, running them, the verdict rule, the four experiments (each
 measures its runs and returns its tables), and main.
