@@ -273,7 +273,8 @@ def claim_out_dir(cfg):
             pid = lock_owner(lock)
             if pid is not None and pid != os.getpid() and pid_alive(pid):
                 raise SystemExit(f"out_dir {out_dir} is in use by another run (PID {pid}; its lock is {lock}). "
-                                 f"Wait for it, stop it, or use another --out_dir.")
+                                 f"Wait for it, stop it, or use another --out_dir. (If PID {pid} is not a "
+                                 f"train.py run, its lock is left from before a reboot: delete {lock}.)")
             os.remove(lock)  # stale: its run is gone
             continue
         except OSError as e:
