@@ -36,6 +36,7 @@ import torch
 
 import cli
 import evaluation
+from attention import GLOBAL, LOCAL, SHARED
 from model import kv_cache, preset
 from plot import read_metrics, stage_starts
 from sample import load_run, show_experts
@@ -179,7 +180,7 @@ def error_bars(ax, x, per_seed, **kw):
 def kv_formula(config, context, bytes_per_value=2):
     """KV-cache bytes of one sequence, from the layout alone: K and V of n_kv_head heads per position kept,
     which is every position for a global layer, the last `window` for a local one, none for a sharing one."""
-    kept = {"G": context, "L": min(config.window, context), "S": 0}
+    kept = {GLOBAL: context, LOCAL: min(config.window, context), SHARED: 0}
     return sum(2 * config.n_kv_head * (config.n_embd // config.n_head) * bytes_per_value * kept[kind]
                for kind in config.layout())
 
