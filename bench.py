@@ -13,6 +13,7 @@ noisy), printed as a table.
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -22,9 +23,9 @@ from typing import Optional
 import torch
 
 import cli
-from attention import GLOBAL, LOCAL, causal_attention
+from attention import GLOBAL, LOCAL, SCORES_PER_CALL, causal_attention
 from evaluation import flops_per_token, mfu, peak_flops
-from model import GPT, PRESETS, init_weights, kv_cache, preset
+from model import GPT, PRESETS, compiled, init_weights, kv_cache, preset
 from router import MoE, RouterConfig, SwiGLU
 
 
@@ -195,6 +196,38 @@ def bench_decode(cfg, name, vocab_size, context=1024, new_tokens=64):
             "with_prefill_speedup": t["recompute"] / t["cache"]}
 
 
+def local_attention_bytes(config, context, batch_size=1):
+    """The memory the local layers' kernel (attention._local_attention) builds for one full-length sequence,
+    worked out from its shapes: the banded mask over every query block (bool, built once), the float bias CUDA's
+    masked SDPA turns it into (bf16, last dim padded to 16: one call over all blocks there), and on CPU the
+    scores of one call (fp32, a few blocks per call). A fused sliding-window kernel would need none of these."""
+    w, g, d = config.window, config.n_head // config.n_kv_head, config.n_embd // config.n_head
+    c = min(w, context)
+    nb, span = math.ceil(context / c), c + w - 1
+    mask = nb * g * c * span
+    per_call = max(1, SCORES_PER_CALL // (batch_size * config.n_kv_head * g * c * span))
+    return {"shape": f"T={context} w={w} {config.n_head}/{config.n_kv_head} heads of {d}", "mask_GiB": mask / 2 ** 30,
+            "cuda_bias_GiB": batch_size * nb * g * c * 16 * math.ceil(span / 16) * 2 / 2 ** 30,
+            "cpu_scores_per_call_MiB": batch_size * config.n_kv_head * per_call * g * c * span * 4 / 2 ** 20}
+
+
+def compiled_step_graphs(cfg):
+    """Frames Dynamo compiles for training steps of the preset (aot_eager): 1 means no graph breaks; then the
+    sequence length doubles, as a stage may do, which should cost exactly one more."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(preset(cfg.preset), verbose=False).to(cfg.device)
+    counter = CompileCounterWithBackend("aot_eager")
+    forward, rows = compiled(model, backend=counter), []
+    for T in (cfg.seq_len // 2, cfg.seq_len):
+        x = torch.randint(0, model.config.vocab_size, (2, T), device=cfg.device)
+        _, loss, _ = forward(x, x.roll(-1, 1), parts=True)
+        loss.backward()
+        rows.append({"preset": cfg.preset, "seq_len": T, "frames_compiled_so_far": counter.frame_count})
+    return rows
+
+
 def table(title, rows):
     rows = rows if isinstance(rows, list) else [rows]
     keys = list(rows[0])
@@ -224,7 +257,12 @@ def main(argv):
                 ("4. MoE (16 experts, top-2) vs dense MLP of the same active FLOPs, fwd+bwd", "moe",
                  lambda: bench_moe(cfg, dtype)),
                 ("5. decoding at a 1024-token context: KV cache vs recomputing", "decode",
-                 lambda: [bench_decode(cfg, cfg.preset, 50304), bench_decode(cfg, "nano_char", 65)])]
+                 lambda: [bench_decode(cfg, cfg.preset, 50304), bench_decode(cfg, "nano_char", 65)]),
+                ("6. local attention kernel: memory it builds per sequence (worked out from its shapes)",
+                 "local_attention_bytes", lambda: [local_attention_bytes(preset("gpt2_124m"), 1024),
+                                                   local_attention_bytes(preset("yi_lightning_like"), 65536)]),
+                ("7. compiled training step (aot_eager): frames Dynamo compiles, then after seq_len doubles",
+                 "compiled_graphs", lambda: compiled_step_graphs(cfg))]
     for title, key, fn in sections:
         t0 = time.time()
         results[key] = fn()
