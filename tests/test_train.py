@@ -371,17 +371,17 @@ def test_resume_false_on_an_existing_run_refuses_and_keeps_its_files(corpora, tm
 
 
 def test_a_failed_checkpoint_write_says_disk_full_and_leaves_no_tmp(tmp_path, monkeypatch):
-    import train
+    import checkpoint
     path = str(tmp_path / "ckpt.pt")
-    train.save_atomic({"step": 1}, path)
+    checkpoint.save_atomic({"step": 1}, path)
 
     def full_disk(obj, f):
         with open(f, "wb") as out:
             out.write(b"half a checkpoint")
         raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
-    monkeypatch.setattr(train.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     with pytest.raises(SystemExit, match=r"could not write .*ckpt.pt .*Disk full"):
-        train.save_atomic({"step": 2}, path)
+        checkpoint.save_atomic({"step": 2}, path)
     assert os.listdir(tmp_path) == ["ckpt.pt"]
     assert torch.load(path)["step"] == 1  # the previous checkpoint is intact
 
