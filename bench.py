@@ -25,13 +25,13 @@ import torch
 import cli
 from attention import GLOBAL, LOCAL, SCORES_PER_CALL, causal_attention
 from evaluation import flops_per_token, mfu, peak_flops
-from model import GPT, PRESETS, compiled, init_weights, kv_cache, preset
+from model import GPT, PRESETS, compiled, init_weights, kv_cache_bytes, preset
 from router import MoE, RouterConfig, SwiGLU
 
 
 @dataclass
 class BenchConfig:
-    device: str = "cpu"                 # "cpu", "cuda", "cuda:1", ...
+    device: str = "cpu"                 # "cpu", "cuda", "cuda:1", ... or "auto" (cuda if there is one)
     preset: str = "tiny"                # model for sections 1 and 5 (a name from model.PRESETS)
     batch_size: int = 8                 # section 1: sequences per training step
     seq_len: int = 128                  # section 1: tokens per sequence
@@ -48,7 +48,7 @@ class BenchConfig:
         for name in ("batch_size", "seq_len", "window", "repeats"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
         need(self.max_T is None or self.max_T >= 1024, f"max_T must be >= 1024 (T runs from 1024); got {self.max_T}")
-        need(cli.valid_device(self.device), f"device must be cpu, cuda or cuda:N; got {self.device!r}")
+        need(cli.valid_device(self.device), f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         folder = os.path.dirname(os.path.abspath(self.json)) if self.json else "."
         need(os.path.isdir(folder) and os.access(folder, os.W_OK),
              f"json: the folder {folder} does not exist or cannot be written; make it first (the figures "
@@ -117,11 +117,6 @@ def bench_attention(cfg, dtype):
     return rows
 
 
-def kv_bytes(config, context):
-    """Bytes of a bf16 KV cache for one sequence, from the cache object itself (on the meta device)."""
-    return kv_cache(config, 1, context, device="meta", dtype=torch.bfloat16).nbytes()
-
-
 def bench_kv_cache():
     rows = []
     shapes = {name: preset(name) for name in ("tiny", "gpt2_124m", "yi_lightning_like")}
@@ -130,7 +125,7 @@ def bench_kv_cache():
     for name, config in shapes.items():
         baseline = replace(config, attn_pattern="G", share_kv=False)
         for context in (4096, 16384, 65536):
-            hybrid, full = kv_bytes(config, context), kv_bytes(baseline, context)
+            hybrid, full = kv_cache_bytes(config, context), kv_cache_bytes(baseline, context)
             kinds = config.layout()
             formula = (kinds.count(GLOBAL) + kinds.count(LOCAL) * min(1, config.window / context)) / len(kinds)
             layout = "".join(kinds) if len(kinds) <= 12 else "".join(kinds[:8]) + f"...({len(kinds)})"
@@ -242,10 +237,9 @@ def table(title, rows):
 def main(argv):
     try:
         cfg = cli.build(BenchConfig, cli.parse(argv, BenchConfig, allow_file=False))
+        cfg = replace(cfg, device=cli.resolve_device(cfg.device))
     except cli.ConfigError as e:
         raise SystemExit(f"argument error: {e}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"device {cfg.device!r}, but torch sees no CUDA GPU here: use --device=cpu")
     dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
     name = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"lightning bench: {name}, torch {torch.__version__}, {dtype}")

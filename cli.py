@@ -138,13 +138,23 @@ def _read_file(path, namespace):
 
 
 def valid_device(name):
-    """Whether torch can parse a device name ("auto", which each script resolves, always can)."""
+    """Whether torch can parse a device name ("auto", which resolve_device resolves, always can)."""
     import torch
     try:
         torch.device("cpu" if name == "auto" else name)
         return True
     except (RuntimeError, TypeError):
         return False
+
+
+def resolve_device(name):
+    """The device a script runs on: "auto" is cuda where torch sees a GPU, else cpu. Naming a CUDA device
+    torch cannot see is a ConfigError."""
+    import torch
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}, but torch sees no CUDA GPU here: use --device=cpu (or auto)")
+    return device
 
 
 def build(schema, settings):

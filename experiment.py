@@ -37,7 +37,7 @@ import torch
 import cli
 import evaluation
 from attention import GLOBAL, LOCAL, SHARED
-from model import kv_cache, preset
+from model import kv_cache_bytes, preset
 from plot import read_metrics, stage_starts
 from sample import load_run, show_experts
 
@@ -185,11 +185,6 @@ def kv_formula(config, context, bytes_per_value=2):
                for kind in config.layout())
 
 
-def kv_measured(config, context):
-    """Bytes of a bf16 KV cache for one sequence, measured on the cache object (on the meta device)."""
-    return kv_cache(config, 1, context, device="meta", dtype=torch.bfloat16).nbytes()
-
-
 def resident_memory():
     """Bytes of this process's memory that are resident now (Linux; None elsewhere)."""
     try:
@@ -222,16 +217,17 @@ def _decode(run, new_tokens):
 
 def hybrid(cfg, runs, folder):
     corpora = list(last_eval(runs["all_global"][0])["val_bpb"])
-    configs = {arm: load_run(dirs[0])[0].config for arm, dirs in runs.items()}
+    models = {arm: load_run(dirs[0])[0] for arm, dirs in runs.items()}  # (the seeds share a shape)
+    configs = {arm: model.config for arm, model in models.items()}
     configs["yi_lightning_like"] = preset("yi_lightning_like")
     contexts = [2 ** i for i in range(8, 17)]
-    kv = {arm: {n: kv_measured(c, n) for n in contexts} for arm, c in configs.items()}
+    kv = {arm: {n: kv_cache_bytes(c, n) for n in contexts} for arm, c in configs.items()}
     for arm, c in configs.items():
         if any(kv[arm][n] != kv_formula(c, n) for n in contexts):
             raise RuntimeError(f"{arm}: the KV cache's size differs from the formula: a bug in one of them")
     results = {"arms": {}, "kv_bytes_bf16": kv}
     for arm, dirs in runs.items():
-        model = load_run(dirs[0])[0]
+        model = models[arm]
         results["arms"][arm] = {
             "layout": "".join(model.config.layout()), "params": model.num_params(),
             "val_bpb": {c: [last_eval(r)["val_bpb"][c] for r in dirs] for c in corpora},
@@ -278,7 +274,7 @@ def plot_kv(kv, configs, contexts, folder):
     for arm, style in (("all_global", "C0--"), ("hybrid", "C0-"), ("yi_lightning_like", "C3-")):
         ax.plot(contexts, [kv[arm][n] for n in contexts], style, marker="o", ms=3,
                 label=f"{arm.replace('_', ' ')}: {''.join(configs[arm].layout()[:8])}")
-    ax.plot(contexts, [kv_measured(full_yi, n) for n in contexts], "C3--", marker="o", ms=3,
+    ax.plot(contexts, [kv_cache_bytes(full_yi, n) for n in contexts], "C3--", marker="o", ms=3,
             label="yi lightning like, all global")
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV cache per sequence (bytes, bf16)",
            title="KV cache vs context: the trained shapes (blue) and a Yi-Lightning-like shape (red)")
@@ -344,16 +340,15 @@ def answers_by_level(model, tokenizer, per_level=100):
 
 def routing(cfg, runs, folder):
     corpora = list(last_eval(runs["dense"][0])["val_bpb"])
-    results = {"arms": {}}
+    results, models = {"arms": {}}, {arm: [load_run(r) for r in dirs] for arm, dirs in runs.items()}
     for arm, dirs in runs.items():
-        models = [load_run(r) for r in dirs]
-        stats = [routing_stats(m, t, corpora) if m.moe_layers() else None for m, t in models]
+        stats = [routing_stats(m, t, corpora) if m.moe_layers() else None for m, t in models[arm]]
         experts = [s["experts_per_token"] if s else None for s in stats]
         results["arms"][arm] = {
             "val_bpb": {c: [last_eval(r)["val_bpb"][c] for r in dirs] for c in corpora},
-            "params": models[0][0].num_params(),
+            "params": models[arm][0][0].num_params(),
             "active_params": [m.num_params(True, s["by_layer"]) if s else m.num_params(True) for (m, _), s in
-                              zip(models, stats)],
+                              zip(models[arm], stats)],
             "experts_per_token": experts, "routing": stats}
     a = results["arms"]
     lines = ["Val bits per byte at the end, and what a token uses:", ""]
@@ -366,7 +361,7 @@ def routing(cfg, runs, folder):
                 for other in ("top2", "dense") for c in corpora]
     verdicts += difficulty_verdicts(a["top_p"]["routing"])
     plot_difficulty(a["top_p"]["routing"], folder)
-    model, tokenizer = load_run(runs["top_p"][0])
+    model, tokenizer = models["top_p"][0]
     show_experts(model, tokenizer, [tokenizer.eot] + tokenizer.encode(PASSAGE), os.path.join(folder, "passage.png"))
     return results, lines, verdicts
 

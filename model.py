@@ -100,10 +100,15 @@ def make_config(settings):
 
 
 def kv_cache(config, batch_size, max_len, device=None, dtype=torch.float32):
-    """A KVCache for a model of this config. On the meta device it holds no memory, and its nbytes() is the
-    size it would have: how bench.py and experiment.py measure caches of models too large to build."""
+    """A KVCache for a model of this config."""
     return KVCache(config.layout(), config.window, batch_size, config.n_kv_head, config.n_embd // config.n_head,
                    max_len, device=device, dtype=dtype)
+
+
+def kv_cache_bytes(config, context, dtype=torch.bfloat16):
+    """Bytes of the KV cache of one sequence of `context` positions, measured on the cache object itself, built
+    on the meta device (no memory): how bench.py and experiment.py size caches of models too large to build."""
+    return kv_cache(config, 1, context, device="meta", dtype=dtype).nbytes()
 
 
 class Parts(NamedTuple):

@@ -148,11 +148,9 @@ def show_experts(model, tokenizer, ids, path):
 def main(argv):
     try:
         cfg = cli.build(SampleConfig, cli.parse(argv, SampleConfig, allow_file=False))
+        device = cli.resolve_device(cfg.device)
     except cli.ConfigError as e:
         raise SystemExit(f"argument error: {e}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"device {device!r}, but torch sees no CUDA GPU here: use --device=cpu (or auto)")
     start = cfg.start
     if start.startswith("FILE:"):
         try:

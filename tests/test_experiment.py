@@ -12,7 +12,7 @@ import torch
 import evaluation
 import experiment
 from data.corpus import Tokenizer
-from model import preset
+from model import kv_cache_bytes, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,12 +79,12 @@ def test_kv_cache_bytes_measured_on_the_cache_equal_the_formula_and_a_hand_count
     # one global keeps 4096, the sharing one none; each kept position holds K and V: 2 * 2 * 16 * 2 bytes.
     per_position = 2 * 2 * 16 * 2
     config = preset("tiny")
-    assert experiment.kv_measured(config, 4096) == experiment.kv_formula(config, 4096) == \
+    assert kv_cache_bytes(config, 4096) == experiment.kv_formula(config, 4096) == \
         per_position * (6 * 32 + 4096)
     full = preset("tiny", attn_pattern="G", share_kv=False)
-    assert experiment.kv_measured(full, 4096) == experiment.kv_formula(full, 4096) == per_position * 8 * 4096
+    assert kv_cache_bytes(full, 4096) == experiment.kv_formula(full, 4096) == per_position * 8 * 4096
     yi = preset("yi_lightning_like")
-    assert experiment.kv_measured(yi, 65536) == experiment.kv_formula(yi, 65536)
+    assert kv_cache_bytes(yi, 65536) == experiment.kv_formula(yi, 65536)
 
 
 def test_scale_shortens_every_stage_and_its_warmup(corpora):

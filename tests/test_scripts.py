@@ -48,7 +48,7 @@ def test_sample_bad_inputs(char_run, args, message):
     (["--repeats=0"], "repeats must be >= 1"),
     (["--batch_size=0"], "batch_size must be >= 1"),
     (["--max_T=100"], "max_T must be >= 1024"),
-    (["--device=banana"], "device must be cpu, cuda or cuda:N"),
+    (["--device=banana"], "device must be auto, cpu, cuda or cuda:N"),
     (["--json=/no/such/folder/bench.json"], "the folder /no/such/folder does not exist"),
     (["--repeat=3"], "unknown setting 'repeat'"),
 ])
