@@ -7,15 +7,18 @@ one attends to everything; consecutive global layers share one set of keys and v
 at 64K context the KV cache shrinks by 1 - (1/4 * 1/2 + 3/4 * 4096/65536) = 82.8%, and the cost of the
 local layers grows linearly with context instead of quadratically.
 
-Read top to bottom: the math (`causal_attention` and its linear-cost local kernel), then RoPE, then the
-layer, then the cache. Imports only torch.
+Read top to bottom: the math (`causal_attention` and its two linear-cost local kernels: blocked SDPA on
+CPU, FlexAttention with a sliding-window block mask on CUDA), then RoPE, then the layer, then the cache.
+Imports only torch.
 """
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -44,7 +47,7 @@ def causal_attention(q, k, v, window=None):
         raise ValueError(f"window must be >= 1 (or None for global attention); got {window}")
 
     if window is not None and window < S:
-        return _local_attention(q, k, v, window)
+        return (flex_local_attention if q.is_cuda else _local_attention)(q, k, v, window)
     # Global attention (or a window that covers every key, which is the same thing).
     if T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hq != Hkv)
@@ -90,13 +93,56 @@ def _local_attention(q, k, v, window):
     band = (j >= r) & (j <= r + w - 1)                       # (c, span)
     real = torch.arange(nb * c + w - 1, device=q.device).unfold(0, span, c) >= front  # (nb, span)
     mask = (band[None] & real[:, None, :]).repeat(1, g, 1)   # (nb, g*c, span)
-    # Blocks per SDPA call. CUDA's masked SDPA kernels never hold all scores at once: one call there.
-    per_call = nb if q.is_cuda else max(1, SCORES_PER_CALL // (B * Hkv * g * c * span))
+    per_call = max(1, SCORES_PER_CALL // (B * Hkv * g * c * span))  # blocks per SDPA call
     out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, attn_mask=ms) for qs, ks, vs, ms in zip(
         qb.flatten(0, 1).split(per_call, 1), kb.flatten(0, 1).split(per_call, 1),
         vb.flatten(0, 1).split(per_call, 1), mask.split(per_call, 0))], dim=1)
     out = out.view(B, Hkv, nb, g, c, D).transpose(2, 3).reshape(B, Hq, nb * c, D)
     return out[:, :, :T]
+
+
+FLEX_TILE = 128  # FlexAttention's tile size: its block mask says which (query tile, key tile) pairs to compute
+
+
+def sliding_window_block_mask(T, S, window, device):
+    """FlexAttention's block mask for sliding-window attention of the last T of S positions, worked out in
+    closed form per pair of tiles: skipped (no pair in the band), computed whole (every pair in it), or
+    computed with the mask. Nothing of size T x S is built; create_block_mask would evaluate the mask at
+    every (query, key) pair, 4G of them at 64K."""
+    offset = S - T                                          # absolute position of query 0
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx + offset) & (kv_idx > q_idx + offset - window)
+
+    q_first = torch.arange(0, T, FLEX_TILE, device=device) + offset
+    k_first = torch.arange(0, S, FLEX_TILE, device=device)
+    q_last, k_last = q_first + FLEX_TILE - 1, k_first + FLEX_TILE - 1  # a tile cut by the end is never whole
+    some = (k_first <= q_last.clamp(max=S - 1)[:, None]) & (k_last.clamp(max=S - 1) > q_first[:, None] - window)
+    every = (k_last <= q_first[:, None]) & (k_first > q_last[:, None] - window) & (q_last < S)[:, None]
+
+    def ordered(tiles):  # (query tiles, key tiles) bool -> per query tile: how many, and which key tiles first
+        order = tiles.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)
+        return tiles.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    return BlockMask.from_kv_blocks(*ordered(some & ~every), *ordered(every), BLOCK_SIZE=FLEX_TILE,
+                                    mask_mod=mask_mod, seq_lengths=(T, S))
+
+
+@functools.cache
+def _fused_flex():
+    """flex_attention compiled: called eagerly it materializes every score, the very thing it exists to avoid.
+    Built on first use (torch.compile loads Dynamo, which costs a second or two at import). Static shapes: each
+    new (T, S) compiles once (a few seconds), as a stage's new length or a long prompt does."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_local_attention(q, k, v, window):
+    """Sliding-window attention as one fused FlexAttention kernel over the tiles the band touches: the CUDA
+    path. Memory holds the block mask (a few MiB at 64K) and no scores; the tiles computed are about
+    (2*window + tile) / S of all. Same contract as causal_attention. Forward only on CPU."""
+    mask = sliding_window_block_mask(q.shape[2], k.shape[2], window, q.device)
+    flex = flex_attention if torch.compiler.is_compiling() else _fused_flex()  # a compiled model fuses it itself
+    return flex(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 import cli
-from attention import GLOBAL, LOCAL, SCORES_PER_CALL, causal_attention
+from attention import GLOBAL, LOCAL, SCORES_PER_CALL, causal_attention, sliding_window_block_mask
 from evaluation import flops_per_token, mfu, peak_flops
 from model import GPT, PRESETS, compiled, init_weights, kv_cache_bytes, preset
 from router import MoE, RouterConfig, SwiGLU
@@ -192,18 +192,23 @@ def bench_decode(cfg, name, vocab_size, context=1024, new_tokens=64):
 
 
 def local_attention_bytes(config, context, batch_size=1):
-    """The memory the local layers' kernel (attention._local_attention) builds for one full-length sequence,
-    worked out from its shapes: the banded mask over every query block (bool, built once), the float bias CUDA's
-    masked SDPA turns it into (bf16, last dim padded to 16: one call over all blocks there), and on CPU the
-    scores of one call (fp32, a few blocks per call). A fused sliding-window kernel would need none of these."""
+    """The memory each local-attention kernel builds for one full-length sequence. CPU's blocked SDPA kernel
+    (attention._local_attention), worked out from its shapes: the banded mask over every query block (bool,
+    built once) and the scores of one call (fp32, a few blocks per call); had CUDA kept that kernel, its one
+    masked-SDPA call would also turn the mask into a bf16 bias padded to 16. CUDA's FlexAttention kernel:
+    the block mask, measured (its tensors built here), and no scores at all."""
     w, g, d = config.window, config.n_head // config.n_kv_head, config.n_embd // config.n_head
     c = min(w, context)
     nb, span = math.ceil(context / c), c + w - 1
     mask = nb * g * c * span
     per_call = max(1, SCORES_PER_CALL // (batch_size * config.n_kv_head * g * c * span))
+    block_mask = sliding_window_block_mask(context, context, w, "cpu")
+    flex = sum(t.numel() * t.element_size() for t in vars(block_mask).values() if isinstance(t, torch.Tensor))
     return {"shape": f"T={context} w={w} {config.n_head}/{config.n_kv_head} heads of {d}", "mask_GiB": mask / 2 ** 30,
-            "cuda_bias_GiB": batch_size * nb * g * c * 16 * math.ceil(span / 16) * 2 / 2 ** 30,
-            "cpu_scores_per_call_MiB": batch_size * config.n_kv_head * per_call * g * c * span * 4 / 2 ** 20}
+            "cpu_scores_per_call_MiB": batch_size * config.n_kv_head * per_call * g * c * span * 4 / 2 ** 20,
+            "sdpa_bias_if_cuda_GiB": batch_size * nb * g * c * 16 * math.ceil(span / 16) * 2 / 2 ** 30,
+            "flex_block_mask_MiB": flex / 2 ** 20,
+            "flex_tiles_computed": f"{block_mask.sparsity():.1f}% skipped"}
 
 
 def compiled_step_graphs(cfg):
@@ -252,7 +257,7 @@ def main(argv):
                  lambda: bench_moe(cfg, dtype)),
                 ("5. decoding at a 1024-token context: KV cache vs recomputing", "decode",
                  lambda: [bench_decode(cfg, cfg.preset, 50304), bench_decode(cfg, "nano_char", 65)]),
-                ("6. local attention kernel: memory it builds per sequence (worked out from its shapes)",
+                ("6. local attention kernels: memory each builds per sequence (CPU: blocked SDPA; CUDA: FlexAttention)",
                  "local_attention_bytes", lambda: [local_attention_bytes(preset("gpt2_124m"), 1024),
                                                    local_attention_bytes(preset("yi_lightning_like"), 65536)]),
                 ("7. compiled training step (aot_eager): frames Dynamo compiles, then after seq_len doubles",

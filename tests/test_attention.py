@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from attention import GLOBAL, LOCAL, SHARED, Attention, KVCache, apply_rope, causal_attention, rope_cache
+import attention
+from attention import (GLOBAL, LOCAL, SHARED, Attention, KVCache, apply_rope, causal_attention, flex_local_attention,
+                       rope_cache, sliding_window_block_mask)
 
 
 def reference(q, k, v, window):
@@ -70,6 +72,72 @@ def test_local_kernel_split_into_many_calls(monkeypatch, T, S, window):
     expected = torch.autograd.grad(reference(q, k, v, window).sum(), (q, k, v))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
+# The CUDA path: FlexAttention with a block mask worked out per tile. Its forward runs on CPU too (no backward
+# there), so its mask and its output are checked here; on a GPU the same tests also check the gradients.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLEX_CASES = [  # (T, S, window), tiles of 128
+    (256, 256, 64), (300, 300, 64), (129, 129, 1), (1000, 1000, 300), (200, 461, 100), (257, 385, 128), (1, 40, 8)]
+
+
+@pytest.mark.parametrize("T,S,window", FLEX_CASES)
+def test_flex_block_mask_matches_torchs_own(T, S, window):
+    """torch's create_block_mask evaluates the mask at every (query, key) pair: the reference for the tile
+    classes that sliding_window_block_mask works out in closed form."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    offset = S - T
+    want = create_block_mask(lambda b, h, i, j: (j <= i + offset) & (j > i + offset - window), None, None, T, S,
+                             device="cpu")
+    got = sliding_window_block_mask(T, S, window, "cpu")
+
+    def tiles(num, idx):  # per query tile, the set of key tiles listed
+        return [set(idx[0, 0, r, :num[0, 0, r]].tolist()) for r in range(num.shape[2])]
+    assert tiles(got.kv_num_blocks, got.kv_indices) == tiles(want.kv_num_blocks, want.kv_indices)  # masked
+    assert tiles(got.full_kv_num_blocks, got.full_kv_indices) == tiles(want.full_kv_num_blocks, want.full_kv_indices)
+    assert got.seq_lengths == (T, S)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,S,window", [(300, 300, 64), (200, 461, 100), (40, 40, 9)])
+def test_flex_local_attention_matches_reference(device, T, S, window):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, T, 16), torch.randn(2, 2, S, 16), torch.randn(2, 2, S, 16)
+    grad = device != "cpu"
+    q, k, v = (t.to(device).requires_grad_(grad) for t in (q, k, v))
+    out = flex_local_attention(q, k, v, window)
+    torch.testing.assert_close(out.double().cpu(), reference(q.cpu(), k.cpu(), v.cpu(), window).detach(),
+                               atol=1e-5, rtol=1e-5)
+    if grad:
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        expected = torch.autograd.grad(reference(q, k, v, window).sum(), (q, k, v))
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_flex_block_mask_is_linear_in_context():
+    """At 64K with a 4096 window, each query tile computes only the tiles the band touches (33 of 512), and
+    the mask's tensors are a few MiB, not the 4G entries of a per-position mask."""
+    mask = sliding_window_block_mask(65536, 65536, 4096, "cpu")
+    per_row = mask.kv_num_blocks + mask.full_kv_num_blocks
+    assert per_row.max().item() == 4096 // 128 + 1 and per_row.min().item() == 1  # the first tile sees itself
+    assert sum(t.numel() for t in vars(mask).values() if isinstance(t, torch.Tensor)) < 2 ** 21
+
+
+def test_flex_path_traces_into_one_graph(monkeypatch):
+    """Inside a compiled model the block mask and the flex kernel are traced with the rest: one frame, and the
+    same output. (CUDA takes this path; on CPU it is put in place of the blocked kernel for the test.)"""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    monkeypatch.setattr(attention, "_local_attention", flex_local_attention)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer, counter = Attention(64, 4, 2, kind=LOCAL, window=32).eval(), CompileCounterWithBackend("aot_eager")
+    x, (cos, sin) = torch.randn(2, 160, 64), rope_cache(torch.arange(160), 16)
+    with torch.no_grad():
+        got = torch.compile(layer, backend=counter)(x, cos, sin)[0]
+    assert counter.frame_count == 1
+    monkeypatch.undo()
+    torch.testing.assert_close(got, layer(x, cos, sin)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_local_cost_is_linear_in_memory():

@@ -178,18 +178,18 @@ def test_generate_past_block_size_and_sampling():
 # The paths written for CUDA (bf16 autocast, torch.compile, the grouped expert GEMM), run on the CPU so they
 # cannot rot unseen: a few optimizer steps each, against the default fp32 eager loop path.
 
-def train_losses(steps=3, autocast=False, backend=None, expert_gemm="auto"):
+def train_losses(steps=3, autocast=False, backend=None, expert_gemm="auto", device="cpu"):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**SMALL, "vocab_size": 64}), verbose=False)
+    model = GPT(GPTConfig(**{**SMALL, "vocab_size": 64}), verbose=False).to(device)
     for moe in model.moe_layers():
         moe.expert_gemm = expert_gemm
-    opt = model.configure_optimizer(0.1, 3e-3, (0.9, 0.95), "cpu")
+    opt = model.configure_optimizer(0.1, 3e-3, (0.9, 0.95), device)
     forward = compiled(model, backend=backend) if backend else model
     data = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):
-        x = torch.randint(0, 64, (2, 24), generator=data)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        x = torch.randint(0, 64, (2, 24), generator=data).to(device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             _, loss, parts = forward(x, x.roll(-1, 1), parts=True)
         loss.backward()
         opt.step()
@@ -204,10 +204,13 @@ def test_bf16_autocast_steps_match_fp32():
     assert bf16 == pytest.approx(reference, rel=2e-2)  # ...which keeps about 3 significant digits
 
 
-def test_compiled_steps_match_eager():
-    # aot_eager runs Dynamo's graph capture and AOTAutograd (what breaks or miscompiles most often) without
-    # inductor's C++ code generation, which takes about a minute on these 2-core machines.
-    assert train_losses(backend="aot_eager") == pytest.approx(train_losses(), rel=1e-5)
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_compiled_steps_match_eager(device):
+    # On CPU, aot_eager runs Dynamo's graph capture and AOTAutograd (what breaks or miscompiles most often)
+    # without inductor's C++ code generation, which takes about a minute on these 2-core machines. On a GPU,
+    # inductor itself, with the local layers on FlexAttention.
+    backend = "aot_eager" if device == "cpu" else "inductor"
+    assert train_losses(backend=backend, device=device) == pytest.approx(train_losses(device=device), rel=1e-5)
 
 
 def test_grouped_gemm_steps_match_the_loop():
