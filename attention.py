@@ -46,15 +46,22 @@ def causal_attention(q, k, v, window=None):
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 (or None for global attention); got {window}")
 
-    if window is not None and window < S:
-        return (flex_local_attention if q.is_cuda else _local_attention)(q, k, v, window)
-    # Global attention (or a window that covers every key, which is the same thing).
-    if T == S:
+    if window is not None and window >= S:
+        window = None  # a window that covers every key is global attention
+    if window is not None and q.is_cuda:
+        return flex_local_attention(q, k, v, window)
+    if window is not None and S > 2 * window:
+        return _local_attention(q, k, v, window)
+    # One SDPA call. Global attention, or a short sequence, where one masked call over all T x S pairs scores
+    # no more than the blocked kernel would (about T * 2w) and saves its dozen extra ops.
+    if window is None and T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hq != Hkv)
-    if T == 1:  # one decoding query sees every cached key: no mask at all
+    if window is None and T == 1:  # one decoding query sees every cached key: no mask at all
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
-    # SDPA's is_causal aligns the mask top-left; queries that continue a cache need it bottom-right.
-    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    # The queries are the last T of S positions (SDPA's is_causal would align them with the first T).
+    i = torch.arange(S - T, S, device=q.device)[:, None]
+    j = torch.arange(S, device=q.device)
+    mask = (j <= i) & (j > i - window) if window is not None else j <= i
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hkv)
 
 
@@ -149,19 +156,21 @@ def flex_local_attention(q, k, v, window):
 # Rotary position embedding (RoPE). A long-context stage raises `base` so that far positions stay apart.
 
 def rope_cache(positions, head_dim, base=10000.0):
-    """cos and sin tables for the given absolute positions: each (len(positions), head_dim // 2)."""
+    """The tables apply_rope takes for the given absolute positions, each (len(positions), head_dim): pair d
+    (dims d and d + D/2) turns by angle position * base^(-2d/D); cos is [cos, cos], sin is [-sin, sin]."""
     if head_dim % 2 != 0:
         raise ValueError(f"RoPE needs an even head dimension; got {head_dim}")
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    return angles.cos().repeat(1, 2), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, H, T, D) by the position angles."""
+    """Rotate the pairs (x[..., d], x[..., d + D/2]) of x (B, H, T, D) by their angles: x1 cos - x2 sin and
+    x2 cos + x1 sin, written as x * cos + (x2, x1) * sin with the signed tables of rope_cache (four ops and
+    their backward instead of eight: at small widths per-op overhead is most of the time)."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([x2, x1], dim=-1) * sin.to(x.dtype)
 
 
 # -----------------------------------------------------------------------------------------------------

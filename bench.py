@@ -10,6 +10,10 @@ noisy), printed as a table.
 3. KV-cache bytes: the hybrid layout with KV sharing vs all-global, for the presets and context lengths
 4. MoE layer vs a dense MLP with the same active FLOPs, forward + backward
 5. decoding tokens/s with the KV cache vs recomputing the whole context at every token
+6. the local-attention kernels' memory per sequence, CPU's and CUDA's
+7. graphs Dynamo compiles for a training step, before and after a change of sequence length
+8. where a training step's time goes at nanoGPT's CPU shape: attention, dense MLP, MoE, the rest
+9. the same step's top ops by self time (torch.profiler)
 """
 
 import json
@@ -23,7 +27,7 @@ from typing import Optional
 import torch
 
 import cli
-from attention import GLOBAL, LOCAL, SCORES_PER_CALL, causal_attention, sliding_window_block_mask
+from attention import GLOBAL, LOCAL, SCORES_PER_CALL, causal_attention, rope_cache, sliding_window_block_mask
 from evaluation import flops_per_token, mfu, peak_flops
 from model import GPT, PRESETS, compiled, init_weights, kv_cache_bytes, preset
 from router import MoE, RouterConfig, SwiGLU
@@ -97,6 +101,81 @@ def bench_training(cfg, dtype):
         active = model.num_params(active=True, experts_per_token=experts)
         row["mfu"] = mfu(flops_per_token(config, active, cfg.seq_len), tok_s, peak_flops(torch.cuda.get_device_name()))
     return row
+
+
+def nano_training_step(cfg, dtype):
+    """nanoGPT's CPU shape (nano_char, 12 sequences of 64, the 65 characters padded to 128) and one training
+    step of it as train.py takes it: forward, backward, clip, AdamW. Returns (model, step, experts per token
+    of the last step per MoE layer)."""
+    config = preset("nano_char", vocab_size=128)
+    torch.manual_seed(0)
+    model = GPT(config, verbose=False).to(cfg.device)
+    opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), cfg.device.split(":")[0])
+    idx = torch.randint(0, 65, (12, config.block_size + 1), device=cfg.device)
+    experts = []
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            _, loss, parts = model(idx[:, :-1], idx[:, 1:], parts=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        experts[:] = [r.experts_per_token.float().mean().item() for r in parts.routing]
+    return model, step, experts
+
+
+def bench_step_parts(cfg, dtype):
+    """Where nano_training_step's time goes: the attention layers, the dense and the MoE feed-forward layers,
+    each group timed forward + backward on its own input, in turns with the whole step. The rest (embedding,
+    norms, residuals, loss, clip, AdamW) is the step minus the three. The router starts near uniform, so an
+    untrained MoE layer runs more experts per token (printed) than a trained one (about 1.7)."""
+    model, step, experts = nano_training_step(cfg, dtype)
+    config = model.config
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    h = torch.randn(12, config.block_size, config.n_embd, device=cfg.device, requires_grad=True)
+    cos, sin = rope_cache(torch.arange(config.block_size, device=cfg.device), config.n_embd // config.n_head)
+
+    def layers(kind):  # every layer of a kind, forward + backward, each on h
+        with autocast:
+            out, kv = 0, None
+            for block in model.blocks:
+                if kind == "attention":
+                    y, layer_kv = block.attn(h, cos, sin, kv)
+                    kv = layer_kv if block.attn.kind == GLOBAL else kv
+                elif isinstance(block.ffn, MoE) == (kind == "MoE"):
+                    y = block.ffn(h)
+                    y = y[0] + y[1] if kind == "MoE" else y  # (output and aux loss)
+                else:
+                    continue
+                out = out + y.float().sum()
+        out.backward()
+        model.zero_grad(set_to_none=True)
+
+    t = timed({"step": step, "attention": lambda: layers("attention"), "dense": lambda: layers("dense"),
+               "MoE": lambda: layers("MoE")}, 4 * cfg.repeats, cfg.device)
+    n_moe = len(model.moe_layers())
+    parts = [(f"attention, layers {''.join(config.layout())}", t["attention"]),
+             (f"dense SwiGLU, layers: {config.n_layer - n_moe}", t["dense"]),
+             (f"MoE, layers: {n_moe}, {sum(experts) / len(experts):.2f} experts/token", t["MoE"]),
+             ("rest: embedding, norms, loss, clip, AdamW", t["step"] - t["attention"] - t["dense"] - t["MoE"])]
+    return [{"part": name, "ms": 1000 * s, "share": f"{100 * s / t['step']:.0f}%"} for name, s in parts] + \
+        [{"part": "whole step", "ms": 1000 * t["step"], "share": "100%"}]
+
+
+def profile_top_ops(cfg, dtype, n=12, steps=10):
+    """torch.profiler over a few of nano_training_step's steps (after a warm-up): the n ops with the most
+    self time, per step."""
+    from torch.profiler import profile
+    _, step, _ = nano_training_step(cfg, dtype)
+    step()
+    with profile() as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key[:48], "ms_per_step": e.self_cpu_time_total / steps / 1000, "calls_per_step": e.count // steps,
+             "share": f"{100 * e.self_cpu_time_total / total:.1f}%"} for e in events[:n]]
 
 
 def bench_attention(cfg, dtype):
@@ -261,7 +340,11 @@ def main(argv):
                  "local_attention_bytes", lambda: [local_attention_bytes(preset("gpt2_124m"), 1024),
                                                    local_attention_bytes(preset("yi_lightning_like"), 65536)]),
                 ("7. compiled training step (aot_eager): frames Dynamo compiles, then after seq_len doubles",
-                 "compiled_graphs", lambda: compiled_step_graphs(cfg))]
+                 "compiled_graphs", lambda: compiled_step_graphs(cfg)),
+                ("8. nanoGPT's shape (nano_char, 12 x 64 tokens): where a training step's time goes", "step_parts",
+                 lambda: bench_step_parts(cfg, dtype)),
+                ("9. the same step under torch.profiler: top ops by self time (profiler overhead included)",
+                 "top_ops", lambda: profile_top_ops(cfg, dtype))]
     for title, key, fn in sections:
         t0 = time.time()
         results[key] = fn()

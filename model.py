@@ -280,7 +280,8 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        # The fused kernel (CUDA and CPU) updates every tensor in one op instead of a dozen ops per tensor.
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     def make_cache(self, batch_size, max_len, device=None, dtype=None):
         """A KVCache for this model. Its dtype is autocast's where autocast is on (the keys and values come out

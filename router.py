@@ -307,10 +307,10 @@ class MoE(nn.Module):
         # (decoding) there is no graph to keep, and skipping empty experts saves most of the small ops.
         # (Iterating over the stacked weights unbinds them: one backward op stacks every expert's gradient.
         # Indexing w1[e] instead would give each expert a backward that writes a full-size zero gradient.)
+        # The gate scales whole output rows, so it is applied once to all of them, not once per expert.
         sizes, keep_empty = counts.tolist(), torch.is_grad_enabled()
-        return torch.cat([(F.silu(xe @ a) * (xe @ b) * ge) @ c
-                          for xe, ge, a, b, c in zip(xs.split(sizes), gate.split(sizes), w1, w3, w2)
-                          if keep_empty or len(xe)])
+        return torch.cat([(F.silu(xe @ a) * (xe @ b)) @ c for xe, a, b, c in zip(xs.split(sizes), w1, w3, w2)
+                          if keep_empty or len(xe)]) * gate
 
     def aux_loss(self, logits, probs, mask):
         """The weighted sum of the router's auxiliary losses (they only shape training, so eval skips them)."""

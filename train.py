@@ -26,6 +26,8 @@ import os
 import signal
 import sys
 import time
+
+STARTED = time.time()  # before torch is imported: each log record's wall_s counts from here
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
@@ -421,8 +423,8 @@ class Trainer:
             flat = flatten(stats)
             dist.all_reduce(flat, op=dist.ReduceOp.AVG)
             stats = unflatten(flat, stats)
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
-                                                            self.cfg.grad_clip or float("inf"))
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),  # (foreach: few ops)
+                                                            self.cfg.grad_clip or float("inf"), foreach=True)
         if not torch.isfinite(stats["loss"] + stats["grad_norm"]).item():
             self.bar.close()
             raise SystemExit(f"non-finite loss ({stats['loss'].item()}) or gradient norm ({stats['grad_norm'].item()}) "
@@ -460,9 +462,11 @@ class Trainer:
         self.bar.set_postfix(postfix, refresh=False)
 
     def log(self, record):
+        """One line of metrics.jsonl, with wall_s: seconds since this process started (how long a run took to
+        reach a loss, startup and evaluations included; a resumed run counts from its own start)."""
         if self.master:
             with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "wall_s": round(time.time() - STARTED, 2)}) + "\n")
 
     def evaluate(self, s, stage):
         """Val loss per corpus (and arithmetic accuracy), logged; best.pt keeps the lowest mean val bpb."""

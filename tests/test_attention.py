@@ -28,6 +28,8 @@ CASES = [  # (T, S, Hq, Hkv, window)
     (16, 16, 2, 1, 1),     # window 1: each query sees only itself
     (33, 33, 4, 2, 5),     # GQA 2
     (33, 33, 8, 2, 6),     # GQA 4
+    (20, 20, 4, 2, 12),    # short (S <= 2 * window): one masked call instead of blocks
+    (5, 30, 4, 2, 16),     # short, continuing a cache
     (7, 40, 4, 2, 9),      # S > T: queries continue a cache
     (1, 40, 4, 1, 9),      # one decoding query
     (30, 30, 4, 2, None),  # global
@@ -168,6 +170,22 @@ def test_local_cost_is_linear_in_memory():
 def test_bad_inputs(q_shape, k_shape, window, message):
     with pytest.raises(ValueError, match=message):
         causal_attention(torch.randn(q_shape), torch.randn(k_shape), torch.randn(k_shape), window)
+
+
+def test_rope_turns_each_pair_by_its_angle():
+    """Against a plain 2x2 rotation per pair: dims d and d + D/2 turn by position * base^(-2d/D)."""
+    torch.manual_seed(0)
+    x, positions, base = torch.randn(2, 3, 5, 8, dtype=torch.float64), torch.tensor([0, 1, 7, 100, 4096]), 500.0
+    want = x.clone()
+    for t, pos in enumerate(positions.tolist()):
+        for d in range(4):
+            angle = pos * base ** (-2 * d / 8)
+            a, b = x[:, :, t, d], x[:, :, t, d + 4]
+            want[:, :, t, d], want[:, :, t, d + 4] = a * math.cos(angle) - b * math.sin(angle), \
+                b * math.cos(angle) + a * math.sin(angle)
+    cos, sin = rope_cache(positions, 8, base)
+    # (the tables are float32: at position 4096 their angles are off by about 1e-4)
+    torch.testing.assert_close(apply_rope(x, cos.double(), sin.double()), want, atol=1e-3, rtol=0)
 
 
 def test_rope_is_a_relative_rotation():
