@@ -48,17 +48,19 @@ def causal_attention(q, k, v, window=None):
 
     if window is not None and window >= S:
         window = None  # a window that covers every key is global attention
-    if window is not None and q.is_cuda:
-        return flex_local_attention(q, k, v, window)
-    if window is not None and S > 2 * window:
-        return _local_attention(q, k, v, window)
-    # One SDPA call. Global attention, or a short sequence, where one masked call over all T x S pairs scores
-    # no more than the blocked kernel would (about T * 2w) and saves its dozen extra ops.
-    if window is None and T == S:
+    if window is not None:
+        if q.is_cuda:
+            return flex_local_attention(q, k, v, window)
+        if S > 2 * window:
+            return _local_attention(q, k, v, window)
+        # Short: one masked call over all T x S pairs scores no more than the blocks would (about T * 2w),
+        # and saves the blocked kernel's dozen extra ops.
+    elif T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hq != Hkv)
-    if window is None and T == 1:  # one decoding query sees every cached key: no mask at all
+    elif T == 1:  # one decoding query sees every cached key: no mask at all
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
-    # The queries are the last T of S positions (SDPA's is_causal would align them with the first T).
+    # One masked SDPA call. The queries are the last T of S positions (SDPA's is_causal would align them with
+    # the first T).
     i = torch.arange(S - T, S, device=q.device)[:, None]
     j = torch.arange(S, device=q.device)
     mask = (j <= i) & (j > i - window) if window is not None else j <= i

@@ -76,46 +76,23 @@ def timed(fns, repeats, device):
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def bench_training(cfg, dtype):
-    config = preset(cfg.preset)
-    model = GPT(config, verbose=False).to(cfg.device)
-    opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), cfg.device.split(":")[0])
-    x = torch.randint(0, config.vocab_size, (cfg.batch_size, cfg.seq_len), device=cfg.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-
-    experts = []
-
-    def step():
-        with autocast:
-            _, loss, parts = model(x, x, parts=True)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        experts[:] = [r.experts_per_token.float().mean().item() for r in parts.routing]
-
-    dt = timed({"step": step}, cfg.repeats, cfg.device)["step"]
-    tok_s = cfg.batch_size * cfg.seq_len / dt
-    row = {"preset": cfg.preset, "ms_per_step": 1000 * dt, "tokens_per_s": tok_s,
-           "experts_per_token": sum(experts) / max(1, len(experts))}
-    if cfg.device.startswith("cuda"):
-        active = model.num_params(active=True, experts_per_token=experts)
-        row["mfu"] = mfu(flops_per_token(config, active, cfg.seq_len), tok_s, peak_flops(torch.cuda.get_device_name()))
-    return row
+def cuda_autocast(dtype):
+    """bf16 autocast where the bench runs in bf16 (CUDA); a no-op otherwise."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
-def nano_training_step(cfg, dtype):
-    """nanoGPT's CPU shape (nano_char, 12 sequences of 64, the 65 characters padded to 128) and one training
-    step of it as train.py takes it: forward, backward, clip, AdamW. Returns (model, step, experts per token
-    of the last step per MoE layer)."""
-    config = preset("nano_char", vocab_size=128)
+def training_step(cfg, config, batch_size, seq_len, dtype, n_ids=None):
+    """A model of `config` and one training step of it as train.py takes it (forward, backward, clip, AdamW)
+    on a fixed random batch of ids below n_ids (default: the vocabulary). Returns (model, step, experts per
+    token of the last step, per MoE layer)."""
     torch.manual_seed(0)
     model = GPT(config, verbose=False).to(cfg.device)
     opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), cfg.device.split(":")[0])
-    idx = torch.randint(0, 65, (12, config.block_size + 1), device=cfg.device)
+    idx = torch.randint(0, n_ids or config.vocab_size, (batch_size, seq_len + 1), device=cfg.device)
     experts = []
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with cuda_autocast(dtype):
             _, loss, parts = model(idx[:, :-1], idx[:, 1:], parts=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
@@ -125,6 +102,24 @@ def nano_training_step(cfg, dtype):
     return model, step, experts
 
 
+def bench_training(cfg, dtype):
+    model, step, experts = training_step(cfg, preset(cfg.preset), cfg.batch_size, cfg.seq_len, dtype)
+    dt = timed({"step": step}, cfg.repeats, cfg.device)["step"]
+    tok_s = cfg.batch_size * cfg.seq_len / dt
+    row = {"preset": cfg.preset, "ms_per_step": 1000 * dt, "tokens_per_s": tok_s,
+           "experts_per_token": sum(experts) / max(1, len(experts))}
+    if cfg.device.startswith("cuda"):
+        active = model.num_params(active=True, experts_per_token=experts)
+        row["mfu"] = mfu(flops_per_token(model.config, active, cfg.seq_len), tok_s,
+                         peak_flops(torch.cuda.get_device_name()))
+    return row
+
+
+def nano_training_step(cfg, dtype):
+    """training_step at nanoGPT's CPU shape: nano_char, 12 sequences of 64, the 65 characters (padded to 128)."""
+    return training_step(cfg, preset("nano_char", vocab_size=128), 12, 64, dtype, n_ids=65)
+
+
 def bench_step_parts(cfg, dtype):
     """Where nano_training_step's time goes: the attention layers, the dense and the MoE feed-forward layers,
     each group timed forward + backward on its own input, in turns with the whole step. The rest (embedding,
@@ -132,12 +127,11 @@ def bench_step_parts(cfg, dtype):
     untrained MoE layer runs more experts per token (printed) than a trained one (about 1.7)."""
     model, step, experts = nano_training_step(cfg, dtype)
     config = model.config
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     h = torch.randn(12, config.block_size, config.n_embd, device=cfg.device, requires_grad=True)
     cos, sin = rope_cache(torch.arange(config.block_size, device=cfg.device), config.n_embd // config.n_head)
 
     def layers(kind):  # every layer of a kind, forward + backward, each on h
-        with autocast:
+        with cuda_autocast(dtype):
             out, kv = 0, None
             for block in model.blocks:
                 if kind == "attention":

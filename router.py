@@ -295,11 +295,12 @@ class MoE(nn.Module):
         dtype = compute_dtype(xs)
         xs, gate = xs.to(dtype), gate.to(dtype)
         w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
+        # The gate scales whole output rows, so either path applies it once, to all of them.
         if self.gemm_path(xs) == "grouped":
             # One grouped GEMM per weight: each expert's slice times its own matrix, in one kernel.
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
-            return torch._grouped_mm(h * gate, w2, offs=offs)
+            return torch._grouped_mm(h, w2, offs=offs) * gate
         # One expert at a time, its whole MLP on its slice. On CPU this beats the grouped GEMM ("auto"
         # picks it there): a slice's intermediates stay in cache instead of making three passes over the
         # whole buffer. An expert with no tokens still multiplies an empty slice, so its weights stay in
@@ -307,7 +308,6 @@ class MoE(nn.Module):
         # (decoding) there is no graph to keep, and skipping empty experts saves most of the small ops.
         # (Iterating over the stacked weights unbinds them: one backward op stacks every expert's gradient.
         # Indexing w1[e] instead would give each expert a backward that writes a full-size zero gradient.)
-        # The gate scales whole output rows, so it is applied once to all of them, not once per expert.
         sizes, keep_empty = counts.tolist(), torch.is_grad_enabled()
         return torch.cat([(F.silu(xe @ a) * (xe @ b)) @ c for xe, a, b, c in zip(xs.split(sizes), w1, w3, w2)
                           if keep_empty or len(xe)]) * gate
