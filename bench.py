@@ -14,6 +14,7 @@ noisy), printed as a table.
 7. graphs Dynamo compiles for a training step, before and after a change of sequence length
 8. where a training step's time goes at nanoGPT's CPU shape: attention, dense MLP, MoE, the rest
 9. the same step's top ops by self time (torch.profiler)
+10. memory per rank (parameters, gradients, Adam state) under DDP, FSDP and FSDP + EP, for the presets
 """
 
 import json
@@ -30,6 +31,7 @@ import cli
 from attention import GLOBAL, LOCAL, SCORES_PER_CALL, causal_attention, rope_cache, sliding_window_block_mask
 from evaluation import flops_per_token, mfu, peak_flops
 from model import GPT, PRESETS, compiled, init_weights, kv_cache_bytes, preset
+from parallel import memory_per_rank
 from router import MoE, RouterConfig, SwiGLU
 
 
@@ -301,6 +303,26 @@ def compiled_step_graphs(cfg):
     return rows
 
 
+def memory_rows(worlds=(8, 64, 2048)):
+    """parallel.memory_per_rank for the presets, with ep = gcd(world, n_experts): the most ranks that split
+    the experts evenly (the model is built on the meta device: no memory)."""
+    rows = []
+    for name in ("nano_char", "gpt2_124m", "yi_lightning_like"):
+        config = preset(name)
+        with torch.device("meta"):
+            n_params = GPT(config, verbose=False).num_params()
+        n_moe = config.n_layer - config.n_dense_layers
+        n_experts = n_moe * config.n_experts * 3 * config.n_embd * config.expert_hidden
+        for world in worlds:
+            ep = math.gcd(world, config.n_experts)
+            for layout, parallel, e in (("DDP", "ddp", 1), ("FSDP", "fsdp", 1), (f"FSDP+EP{ep}", "fsdp", ep)):
+                params, grads, adam = memory_per_rank(n_params, n_experts, world, parallel, e)
+                rows.append({"preset": name, "params_B": n_params / 1e9, "ranks": world, "layout": layout,
+                             "params_GiB": params / 2 ** 30, "grads_GiB": grads / 2 ** 30, "adam_GiB": adam / 2 ** 30,
+                             "total_GiB": (params + grads + adam) / 2 ** 30})
+    return rows
+
+
 def table(title, rows):
     rows = rows if isinstance(rows, list) else [rows]
     keys = list(rows[0])
@@ -338,7 +360,9 @@ def main(argv):
                 ("8. nanoGPT's shape (nano_char, 12 x 64 tokens): where a training step's time goes", "step_parts",
                  lambda: bench_step_parts(cfg, dtype)),
                 ("9. the same step under torch.profiler: top ops by self time (profiler overhead included)",
-                 "top_ops", lambda: profile_top_ops(cfg, dtype))]
+                 "top_ops", lambda: profile_top_ops(cfg, dtype)),
+                ("10. memory per rank, fp32 parameters, gradients and AdamW state (parallel.memory_per_rank)",
+                 "memory_per_rank", memory_rows)]
     for title, key, fn in sections:
         t0 = time.time()
         results[key] = fn()

@@ -6,6 +6,14 @@ Checkpoints and the run folder: what makes a killed run resumable and keeps one 
     save_atomic       write to .tmp, then rename: a crash leaves the old file or the new one, never half
     load_checkpoint   the checkpoint, if it continues this run; else a message naming every setting that differs
 
+When a rank holds only part of the model (parallel='fsdp', or ep > 1: parallel.py), every rank writes its part
+with torch.distributed.checkpoint (DCP) instead, into out_dir/sharded/step_N/ beside a run.pt holding the rest
+of the run state; out_dir/sharded/latest names the newest complete one:
+
+    save_sharded      all ranks write step_N.tmp/, rank 0 renames it and then points `latest` at it (atomic)
+    load_sharded      the weights and optimizer state, each rank its own part; run state as load_checkpoint's
+    python checkpoint.py OUT_DIR    turns the newest sharded checkpoint into OUT_DIR/ckpt.pt for sample.py
+
 train.py calls these; it owns what goes into a checkpoint.
 """
 
@@ -13,6 +21,8 @@ import atexit
 import dataclasses
 import errno
 import os
+import shutil
+import sys
 
 import torch
 
@@ -47,8 +57,9 @@ def claim_out_dir(cfg):
     out_dir, lock = cfg.out_dir, os.path.join(cfg.out_dir, LOCK)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SystemExit(f"out_dir {out_dir} is a file, not a folder: choose another --out_dir")
-    if not cfg.resume and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
-        raise SystemExit(f"out_dir {out_dir} holds a run (ckpt.pt), and --resume=False would overwrite it. To "
+    held = [name for name in ("ckpt.pt", SHARDED) if os.path.exists(os.path.join(out_dir, name))]
+    if not cfg.resume and held:
+        raise SystemExit(f"out_dir {out_dir} holds a run ({held[0]}), and --resume=False would overwrite it. To "
                          f"start over, delete that folder (rm -r {out_dir}) or use another --out_dir.")
     for attempt in range(2):
         try:
@@ -90,18 +101,125 @@ def pid_alive(pid):
 def load_checkpoint(path, model_cfg, train_cfg, world_size):
     """The checkpoint at path if it continues this run, else SystemExit naming every difference. Loaded with
     weights_only=True: a checkpoint from someone else's fork holds data, and cannot run code."""
+    ckpt = read(path)
+    if "optimizer" not in ckpt:
+        raise SystemExit(f"{path} is not a resumable checkpoint written by train.py" +
+                         (" (it was consolidated from a sharded checkpoint, for sample.py; the run resumes from "
+                          f"{os.path.join(os.path.dirname(path), SHARDED)})" if "consolidated_from" in ckpt else ""))
+    return same_run(ckpt, path, model_cfg, train_cfg, world_size)
+
+
+def read(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:300]}). It is corrupt, "
                          f"not a checkpoint, or not one train.py writes: move it away to start over")
-    if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
-        raise SystemExit(f"{path} is not a resumable checkpoint written by train.py")
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
+        raise SystemExit(f"{path} is not a checkpoint written by train.py")
+    return ckpt
+
+
+def same_run(ckpt, path, model_cfg, train_cfg, world_size):
+    """ckpt if its settings are this run's (but for FREE_TO_CHANGE), else SystemExit naming each difference."""
     now = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg), "world_size": world_size}
     then = {**ckpt["model_config"], **ckpt["train_config"], "world_size": ckpt["world_size"]}
     differ = [f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(now) | set(then))
               if k not in FREE_TO_CHANGE and now.get(k) != then.get(k)]
     if differ:
         raise SystemExit(f"checkpoint {path} was written by a different run:\n  " + "\n  ".join(differ) +
-                         "\nResume with the settings it was written with, or use another --out_dir.")
+                         "\nResume with the settings it was written with (the same torchrun --nproc_per_node for "
+                         "world_size), or use another --out_dir.")
     return ckpt
+
+
+# -----------------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint): each rank writes and reads only its own part
+
+SHARDED = "sharded"
+
+
+def latest_sharded(out_dir):
+    """The folder of the newest complete sharded checkpoint in out_dir, or None."""
+    try:
+        with open(os.path.join(out_dir, SHARDED, "latest")) as f:
+            return os.path.join(out_dir, SHARDED, f.read().strip())
+    except FileNotFoundError:
+        return None
+
+
+def save_sharded(model, optimizer, run, out_dir):
+    """Every rank calls this. Weights and optimizer state go through DCP, each rank writing its own shards into
+    step_N.tmp/; rank 0 adds run.pt (the rest of the run state), renames the folder to step_N and only then
+    points `latest` at it (itself written to a .tmp and renamed), so a crash at any moment leaves `latest`
+    naming a complete checkpoint. Older folders are removed after. Needs a file system every rank sees."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    root = os.path.join(out_dir, SHARDED)
+    name = f"step_{run['state']['global_step']:09d}"
+    tmp, final, master = os.path.join(root, name + ".tmp"), os.path.join(root, name), dist.get_rank() == 0
+    try:
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save cut short by a crash
+            os.makedirs(tmp)
+        dist.barrier()
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+        if master:
+            torch.save(run, os.path.join(tmp, "run.pt"))
+            if os.path.exists(final):  # an orphan of a crash between the rename and `latest`
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            with open(os.path.join(root, "latest.tmp"), "w") as f:
+                f.write(name)
+            os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+            for old in os.listdir(root):
+                if old.startswith("step_") and old != name:
+                    shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    except (OSError, RuntimeError) as e:
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"could not write the sharded checkpoint {final} ({type(e).__name__}: {str(e)[:200]}). "
+                         f"Disk full, or the folder not writable from every rank? The previous one, if any, is "
+                         f"intact: fix that and run the same command again to resume from it.")
+    dist.barrier()
+
+
+def load_sharded(model, optimizer, folder, model_cfg, train_cfg, world_size):
+    """The run state of the sharded checkpoint in folder (SystemExit if it belongs to another run or another
+    layout), after loading this rank's part of the weights and optimizer state into model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    run = same_run(read(os.path.join(folder, "run.pt")), folder, model_cfg, train_cfg, world_size)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return run
+
+
+def consolidate(out_dir):
+    """out_dir's newest sharded checkpoint as one file, out_dir/ckpt.pt, with whole tensors: what sample.py loads.
+    One process, no GPU, no torchrun; it holds the whole checkpoint (weights and Adam state) in memory once."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    folder = latest_sharded(out_dir)
+    if folder is None:
+        raise SystemExit(f"no sharded checkpoint in {out_dir} (it would be {os.path.join(out_dir, SHARDED)}): "
+                         f"name the out_dir of a run trained with parallel='fsdp' or ep > 1")
+    run = read(os.path.join(folder, "run.pt"))
+    whole = os.path.join(out_dir, "consolidating.tmp")
+    dcp_to_torch_save(folder, whole)
+    model = torch.load(whole, map_location="cpu", weights_only=True)["model"]
+    os.remove(whole)
+    path = os.path.join(out_dir, "ckpt.pt")
+    save_atomic({"model": model, "model_config": run["model_config"], "train_config": run["train_config"],
+                 "meta": run["meta"], "state": run["state"], "consolidated_from": folder}, path)
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        sys.exit("usage: python checkpoint.py OUT_DIR   (writes OUT_DIR/ckpt.pt from its newest sharded checkpoint, "
+                 "for sample.py)")
+    print(f"wrote {consolidate(sys.argv[1])}")

@@ -143,30 +143,33 @@ class Block(nn.Module):
         return x + self.dropout(f), kv, aux, routing
 
 
-def init_weights(module, n_layer):
-    """Every weight of a GPT (or of a bare MoE, SwiGLU or Attention layer), in one place, each exactly once.
-    Embeddings, projections, routers and experts: normal(0, 0.02). Projections that write into the residual
-    stream (attention's o_proj, every MLP's and expert's w2) are scaled by 1/sqrt(2 * n_layer), as in GPT-2,
-    so the stream's variance does not grow with depth. RMSNorm gains stay at 1."""
+def weight_stds(module, n_layer):
+    """(weight, std) for every weight of a GPT (or of a bare MoE, SwiGLU or Attention layer) that starts as
+    normal(0, std), each exactly once, in a fixed order: the one statement of the initialisation, which
+    init_weights applies and parallel.py replays shard by shard. Embeddings, projections, routers and experts:
+    0.02. Projections that write into the residual stream (attention's o_proj, every MLP's and expert's w2) are
+    scaled by 1/sqrt(2 * n_layer), as in GPT-2, so the stream's variance does not grow with depth. RMSNorm gains
+    start at 1 (not listed)."""
     std, out_std = 0.02, 0.02 / math.sqrt(2 * n_layer)
     for m in module.modules():
         if isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=std)
+            yield m.weight, std
         elif isinstance(m, Attention):
             for w in (m.q_proj.weight, *([m.kv_proj.weight] if m.kv_proj is not None else [])):
-                nn.init.normal_(w, std=std)
-            nn.init.normal_(m.o_proj.weight, std=out_std)
+                yield w, std
+            yield m.o_proj.weight, out_std
         elif isinstance(m, SwiGLU):
-            nn.init.normal_(m.w1.weight, std=std)
-            nn.init.normal_(m.w3.weight, std=std)
-            nn.init.normal_(m.w2.weight, std=out_std)
+            yield from ((m.w1.weight, std), (m.w3.weight, std), (m.w2.weight, out_std))
         elif isinstance(m, MoE):  # (its shared experts are a SwiGLU, met on their own)
-            nn.init.normal_(m.router.weight, std=std)
-            nn.init.normal_(m.w1, std=std)
-            nn.init.normal_(m.w3, std=std)
-            nn.init.normal_(m.w2, std=out_std)
+            yield from ((m.router.weight, std), (m.w1, std), (m.w3, std), (m.w2, out_std))
         elif isinstance(m, GPT) and not m.config.tie_embeddings:  # (tied: it is the embedding)
-            nn.init.normal_(m.lm_head.weight, std=std)
+            yield m.lm_head.weight, std
+
+
+def init_weights(module, n_layer):
+    """Every weight of a GPT (or of a bare layer) drawn as weight_stds says."""
+    for w, std in weight_stds(module, n_layer):
+        nn.init.normal_(w, std=std)
 
 
 class GPT(nn.Module):
@@ -174,11 +177,15 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.rope_base = config.rope_base  # a long-context stage may raise it; saved with the weights
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # torch's layers draw a default init as they are built; init_weights replaces every one of them, so those
+        # draws are made on a forked RNG and thrown away. The weights then depend on the seed and weight_stds
+        # alone, which lets parallel.py make them shard by shard on a model built on the meta device.
+        with torch.random.fork_rng(devices=[]):
+            self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+            self.drop = nn.Dropout(config.dropout)
+            self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+            self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         init_weights(self, config.n_layer)
@@ -277,8 +284,13 @@ class GPT(nn.Module):
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW. Matrices (embeddings, projections, experts, router) decay; norm gains do not: decay pulls
         a gain toward 0, which is not a sensible prior for a scale that starts at 1."""
+        experts = {id(w) for m in self.moe_layers() for w in (m.w1, m.w3, m.w2)}
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        # The routed experts get a group of their own: expert parallelism splits them over the ranks (parallel.py)
+        # and one fused update needs its tensors alike.
+        routed = [p for p in params if id(p) in experts]
+        matrices = [p for p in params if p.dim() >= 2 and id(p) not in experts]
+        groups = [{"params": routed, "weight_decay": weight_decay}, {"params": matrices, "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         # The fused kernel (CUDA and CPU) updates every tensor in one op instead of a dozen ops per tensor.
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))

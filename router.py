@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional, get_args
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -210,6 +211,12 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def local_part(w):
+    """The part of a weight this process holds: under expert parallelism (parallel.py) the expert weights are
+    DTensors split over the ranks, and each rank runs its own slice; otherwise the weight itself."""
+    return w.to_local() if isinstance(w, DTensor) else w
+
+
 class Routing(NamedTuple):
     """What one MoE forward decided, as tensors. Reading their values syncs a GPU: the caller decides when."""
     experts_per_token: torch.Tensor  # (*token shape): routed experts each token got
@@ -247,6 +254,9 @@ class MoE(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, n_embd, expert_hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, expert_hidden, n_embd))
         self.shared = SwiGLU(n_embd, n_shared * expert_hidden) if n_shared > 0 else None
+        # Expert parallelism (parallel.py) sets this to a callable (moe, xs, counts, gate) -> ys that sends each
+        # row to the rank holding its expert and brings the result back; None runs every expert here.
+        self.ep = None
 
     def get_extra_state(self):
         return asdict(self.config)
@@ -276,7 +286,8 @@ class MoE(nn.Module):
         expert, token = mask.t().nonzero(as_tuple=True)
         counts = mask.sum(0)
         xs = x.index_select(0, token)  # (its backward is index_add, cheaper than x[token]'s index_put)
-        ys = self.experts(xs, counts, probs[token, expert].unsqueeze(1))
+        gate = probs[token, expert].unsqueeze(1)
+        ys = self.experts(xs, counts, gate) if self.ep is None else self.ep(self, xs, counts, gate)
         y = torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(x)
@@ -289,18 +300,20 @@ class MoE(nn.Module):
         wanted = self.expert_gemm == "grouped" or (self.expert_gemm == "auto" and xs.device.type == "cuda")
         return "grouped" if wanted and grouped_mm_available(xs, self.w1) else "loop"
 
-    def experts(self, xs, counts, gate):
-        """xs (M, n_embd) with rows sorted by expert, counts (E,) rows per expert, gate (M, 1) router
-        probabilities -> (M, n_embd): each row through its expert's SwiGLU, times its gate."""
+    def experts(self, xs, counts, gate=None):
+        """xs (M, n_embd) with rows sorted by expert, counts rows per expert (one per expert held here: all of
+        them, or this rank's under expert parallelism), gate (M, 1) router probabilities or None -> (M, n_embd):
+        each row through its expert's SwiGLU, times its gate."""
         dtype = compute_dtype(xs)
-        xs, gate = xs.to(dtype), gate.to(dtype)
-        w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
+        xs = xs.to(dtype)
+        w1, w3, w2 = (local_part(w).to(dtype) for w in (self.w1, self.w3, self.w2))
         # The gate scales whole output rows, so either path applies it once, to all of them.
+        scale = (lambda y: y) if gate is None else (lambda y: y * gate.to(dtype))
         if self.gemm_path(xs) == "grouped":
             # One grouped GEMM per weight: each expert's slice times its own matrix, in one kernel.
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
-            return torch._grouped_mm(h, w2, offs=offs) * gate
+            return scale(torch._grouped_mm(h, w2, offs=offs))
         # One expert at a time, its whole MLP on its slice. On CPU this beats the grouped GEMM ("auto"
         # picks it there): a slice's intermediates stay in cache instead of making three passes over the
         # whole buffer. An expert with no tokens still multiplies an empty slice, so its weights stay in
@@ -309,8 +322,9 @@ class MoE(nn.Module):
         # (Iterating over the stacked weights unbinds them: one backward op stacks every expert's gradient.
         # Indexing w1[e] instead would give each expert a backward that writes a full-size zero gradient.)
         sizes, keep_empty = counts.tolist(), torch.is_grad_enabled()
-        return torch.cat([(F.silu(xe @ a) * (xe @ b)) @ c for xe, a, b, c in zip(xs.split(sizes), w1, w3, w2)
-                          if keep_empty or len(xe)]) * gate
+        pieces = [(F.silu(xe @ a) * (xe @ b)) @ c for xe, a, b, c in zip(xs.split(sizes), w1, w3, w2)
+                  if keep_empty or len(xe)]
+        return scale(torch.cat(pieces)) if pieces else xs.new_zeros(0, w2.shape[-1])  # (a rank may get no rows)
 
     def aux_loss(self, logits, probs, mask):
         """The weighted sum of the router's auxiliary losses (they only shape training, so eval skips them)."""

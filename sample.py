@@ -56,6 +56,9 @@ def load_run(out_dir, which="ckpt", device="cpu"):
     """(model, tokenizer) from a run directory, or SystemExit with a message that says what is wrong. The
     model routes as it last trained: its router settings travel in its state dict."""
     path = os.path.join(out_dir, f"{which}.pt")
+    if not os.path.isfile(path) and os.path.isdir(os.path.join(out_dir, "sharded")):
+        raise SystemExit(f"no {which}.pt in {out_dir}: that run's checkpoint is sharded over its ranks. "
+                         f"python checkpoint.py {out_dir} writes it to {path}")
     if not os.path.isfile(path):
         runs = sorted(d for d in os.listdir("out") if os.path.isdir(os.path.join("out", d))) \
             if os.path.isdir("out") else []

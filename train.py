@@ -5,6 +5,7 @@ Multi-stage training, on one CPU, one GPU, or many GPUs and nodes with DDP.
     python train.py config/shakespeare_char.py --compile=False
     python train.py --help                            # every setting, with its default and meaning
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py --parallel=fsdp --ep=8
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_endpoint=HOST:29500 train.py config/...
 
 (Plain `python train.py` runs TrainConfig's defaults: one short stage on Shakespeare, in bytes.)
@@ -39,7 +40,8 @@ from tqdm import tqdm
 
 import cli
 import evaluation
-from checkpoint import claim_out_dir, load_checkpoint, save_atomic
+import parallel
+from checkpoint import claim_out_dir, latest_sharded, load_checkpoint, load_sharded, save_atomic, save_sharded
 from data.corpus import TOKENIZERS, MixtureLoader, check_token_ids, mixture_tokenizer
 from model import GPT, GPTConfig, PRESETS, compiled, make_config
 from router import RouterConfig
@@ -118,6 +120,8 @@ class TrainConfig:
     device: str = "auto"                 # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"                  # "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float32"
     compile: Optional[bool] = None       # torch.compile the model; None: on for CUDA, off for CPU
+    parallel: str = "ddp"                # over torchrun's ranks: "ddp" (whole model per rank) or "fsdp" (sharded)
+    ep: int = 1                          # expert parallelism: split each MoE layer's experts over groups of ep ranks
     plots: bool = True                   # write plots at the end of the run
     samples: bool = True                 # at the end, print a sample per corpus and arithmetic marked right/wrong
 
@@ -176,6 +180,12 @@ def load_config(argv):
     model_settings = {**PRESETS.get(train_cfg.preset, {}),
                       **{k: v for k, v in settings.items() if k not in train_names}}
     model_settings.setdefault("vocab_size", 64 * math.ceil(tokenizer.vocab_size / 64))  # pad: faster matmuls
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE
+    layout_error = parallel.check_layout(train_cfg.parallel, train_cfg.ep, world_size,
+                                         model_settings.get("n_experts", GPTConfig.n_experts))
+    if layout_error:
+        raise cli.ConfigError(layout_error)
+    model_settings.setdefault("n_expert_groups", train_cfg.ep)  # the group balance loss balances the EP ranks
     if model_settings["vocab_size"] < tokenizer.vocab_size:
         raise cli.ConfigError(f"vocab_size {model_settings['vocab_size']} is smaller than the {tokenizer.name} "
                               f"tokenizer's {tokenizer.vocab_size}")
@@ -183,7 +193,7 @@ def load_config(argv):
         model_cfg = make_config(model_settings)
     except ValueError as e:
         raise cli.ConfigError(str(e)) from None
-    router, world_size = model_cfg.router, int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE
+    router = model_cfg.router
     for stage in train_cfg.stages:
         if stage.warmup >= stage.num_steps(world_size):
             raise cli.ConfigError(f"stage {stage.name!r}: warmup ({stage.warmup}) must be shorter than the stage "
@@ -259,12 +269,18 @@ class Trainer:
         self.setup_device()
         if self.master:
             claim_out_dir(cfg)
-        torch.manual_seed(cfg.seed + self.rank)
         self.stage_steps = [s.num_steps(self.world_size) for s in cfg.stages]
         self.corpora = cfg.corpora()
         self.problems = (evaluation.read_problems(cfg.arith_per_level)
                          if "arith" in self.corpora and cfg.arith_per_level > 0 else [])
-        self.raw_model = GPT(model_cfg, verbose=self.master).to(self.device)
+        # Every rank starts from the same weights (under FSDP or EP each builds only its part), then draws its
+        # own randomness.
+        torch.manual_seed(cfg.seed)
+        self.sharded = parallel.sharded(cfg.parallel, cfg.ep)
+        self.raw_model = (parallel.build_sharded(model_cfg, cfg.parallel, cfg.ep, self.device, self.bf16, self.master)
+                          if self.sharded else GPT(model_cfg, verbose=self.master).to(self.device))
+        if self.rank > 0:
+            torch.manual_seed(cfg.seed + self.rank)
         self.moes = self.raw_model.moe_layers()
         self.optimizer = self.raw_model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
                                                             self.device_type)
@@ -275,7 +291,8 @@ class Trainer:
         self.model = self.raw_model
         if cfg.compile if cfg.compile is not None else self.device_type == "cuda":
             self.model = compiled(self.model)
-        if self.ddp:
+        if self.distributed and cfg.parallel == "ddp":
+            DDP._set_params_and_buffers_to_ignore_for_model(self.model, parallel.ddp_ignored(self.model))
             self.model = DDP(self.model,
                              device_ids=[torch.cuda.current_device()] if self.device_type == "cuda" else None)
         self.stop_signal = None
@@ -285,8 +302,8 @@ class Trainer:
     def setup_device(self):
         """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is a single process."""
         cfg = self.cfg
-        self.ddp = "RANK" in os.environ
-        if self.ddp:
+        self.distributed = "RANK" in os.environ
+        if self.distributed:
             use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
             dist.init_process_group(backend="nccl" if use_cuda else "gloo")
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -305,24 +322,32 @@ class Trainer:
             torch.cuda.set_device(self.device)
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device_type == "cuda" else "float32")
-        self.autocast = (torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
-                         if dtype == "bfloat16" else nullcontext())
+        self.bf16 = dtype == "bfloat16"
+        self.autocast = (torch.autocast(device_type=self.device_type, dtype=torch.bfloat16) if self.bf16
+                         else nullcontext())
 
     def restore(self):
         """(state, loader state): a fresh run's, or the checkpoint's, whose weights, optimizer and RNG are
-        loaded here. The model's router settings and RoPE base travel inside its state dict."""
+        loaded here. The model's router settings and RoPE base travel inside its state dict. A sharded
+        checkpoint (checkpoint.py) comes first: a run with another layout is refused there, as parallel and ep
+        are settings it records, like the world size."""
         fresh = {"stage": 0, "step": 0, "global_step": 0, "tokens": 0, "best_val": None}
-        if not (self.cfg.resume and os.path.exists(self.ckpt_path)):
+        folder = latest_sharded(self.cfg.out_dir) if self.cfg.resume else None
+        if folder is not None:
+            ckpt, where = load_sharded(self.raw_model, self.optimizer, folder, self.model_cfg, self.cfg,
+                                       self.world_size), folder
+        elif self.cfg.resume and os.path.exists(self.ckpt_path):
+            ckpt, where = load_checkpoint(self.ckpt_path, self.model_cfg, self.cfg, self.world_size), self.ckpt_path
+            self.raw_model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        else:
             return fresh, None
-        ckpt = load_checkpoint(self.ckpt_path, self.model_cfg, self.cfg, self.world_size)
-        self.raw_model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
         rng = ckpt["rng"][self.rank]
         torch.set_rng_state(rng["cpu"])
         if self.device_type == "cuda" and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"])
         if self.master:
-            print(f"resuming {self.ckpt_path}: stage {ckpt['state']['stage']} step {ckpt['state']['step']}")
+            print(f"resuming {where}: stage {ckpt['state']['stage']} step {ckpt['state']['step']}")
         return dict(ckpt["state"]), ckpt["loader"]
 
     def prepare_out_dir(self, resumed):
@@ -372,7 +397,7 @@ class Trainer:
                 if state["step"] % cfg.log_interval == 0 or stage_done:
                     self.log_train(s, stage, lr, stats)
                 self.bar.update(1)
-                if self.master and (state["step"] % cfg.eval_interval == 0 or stage_done):
+                if (self.master or self.sharded) and (state["step"] % cfg.eval_interval == 0 or stage_done):
                     self.evaluate(s, stage)
                 if stage_done:  # record in the checkpoint that the next stage starts fresh
                     state.update(stage=s + 1, step=0)
@@ -381,10 +406,10 @@ class Trainer:
                     self.save_checkpoint(loader)
                 if stopping:
                     self.finish(f"stopped by signal at global step {state['global_step']}; checkpoint saved to "
-                                f"{self.ckpt_path}. Run the same command again to resume.")
+                                f"{self.saved_to()}. Run the same command again to resume.")
                     return 128 + (self.stop_signal or signal.SIGTERM)  # (another rank may have had the signal)
         self.finish(f"run complete: {state['global_step']} steps, {state['tokens']:,} tokens. "
-                    f"Checkpoint: {self.ckpt_path}", complete=True)
+                    f"Checkpoint: {self.saved_to()}", complete=True)
         return 0
 
     def begin_stage(self, s):
@@ -411,20 +436,20 @@ class Trainer:
         for micro in range(stage.grad_accum):
             x, y, _ = loader.next_batch()
             x, y = x.to(self.device), y.to(self.device)
-            if self.ddp:
-                self.model.require_backward_grad_sync = micro == stage.grad_accum - 1
+            self.sync_gradients(micro == stage.grad_accum - 1)
             with self.autocast:
                 _, loss, parts = self.model(x, y, parts=True)
             (loss / stage.grad_accum).backward()
             stats = step_stats(loss, parts)
             total = stats if total is None else {k: total[k] + v for k, v in stats.items()}
         stats = {k: v / stage.grad_accum for k, v in total.items()}
-        if self.ddp:
+        if self.distributed:
             flat = flatten(stats)
             dist.all_reduce(flat, op=dist.ReduceOp.AVG)
             stats = unflatten(flat, stats)
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),  # (foreach: few ops)
-                                                            self.cfg.grad_clip or float("inf"), foreach=True)
+        if self.cfg.ep > 1:
+            parallel.reduce_expert_grads(self.raw_model, self.world_size)
+        stats["grad_norm"] = parallel.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip or float("inf"))
         if not torch.isfinite(stats["loss"] + stats["grad_norm"]).item():
             self.bar.close()
             raise SystemExit(f"non-finite loss ({stats['loss'].item()}) or gradient norm ({stats['grad_norm'].item()}) "
@@ -438,6 +463,13 @@ class Trainer:
                 moe.adjust_p(k)
         return stats
 
+    def sync_gradients(self, on):
+        """Whether this micro-step's backward averages gradients over the ranks (the last of a step does)."""
+        if self.distributed and self.cfg.parallel == "ddp":
+            self.model.require_backward_grad_sync = on
+        elif self.distributed:
+            self.raw_model.set_requires_gradient_sync(on)  # (FSDP2)
+
     def log_train(self, s, stage, lr, stats):
         now, state = time.time(), self.state
         tok_s = (state["tokens"] - self.tokens_last) / max(now - self.t_last, 1e-9)
@@ -447,16 +479,20 @@ class Trainer:
         active = self.raw_model.num_params(active=True, experts_per_token=experts)
         util = evaluation.mfu(evaluation.flops_per_token(self.model_cfg, active, stage.seq_len), tok_s, self.peak,
                               self.world_size)
-        self.log({"kind": "train", "step": state["global_step"], "tokens": state["tokens"], "stage": s,
+        record = {"kind": "train", "step": state["global_step"], "tokens": state["tokens"], "stage": s,
                   "stage_step": state["step"] - 1, "lr": lr, "loss": v["loss"], "ce": v["ce"], "aux": v["aux"],
                   "grad_norm": v["grad_norm"], "tok_s": tok_s, "mfu": util, "active_params": active,
                   "seq_len": stage.seq_len, "batch_size": stage.batch_size, "mixture": stage.mixture,
                   "rope_base": self.raw_model.rope_base, "top_p": [m.config.top_p for m in self.moes],
                   "routing": [m.config.routing for m in self.moes], "experts_per_token": experts,
-                  "tokens_per_expert": v["tokens_per_expert"]})
+                  "tokens_per_expert": v["tokens_per_expert"]}
         postfix = {"stage": s, "loss": f"{v['ce']:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
         if experts:
             postfix["k"] = f"{sum(experts) / len(experts):.2f}"
+        if self.cfg.ep > 1:  # the load per EP rank: the slowest rank sets every rank's pace
+            record["ep_rows"] = parallel.rows_per_ep_rank(v["tokens_per_expert"], self.cfg.ep)
+            postfix["ep max/mean"] = f"{max(max(r) / max(sum(r) / len(r), 1e-9) for r in record['ep_rows']):.2f}"
+        self.log(record)
         if util is not None:
             postfix["mfu"] = f"{100 * util:.1f}%"
         self.bar.set_postfix(postfix, refresh=False)
@@ -469,7 +505,9 @@ class Trainer:
                 f.write(json.dumps({**record, "wall_s": round(time.time() - STARTED, 2)}) + "\n")
 
     def evaluate(self, s, stage):
-        """Val loss per corpus (and arithmetic accuracy), logged; best.pt keeps the lowest mean val bpb."""
+        """Val loss per corpus (and arithmetic accuracy), logged; best.pt keeps the lowest mean val bpb. With a
+        sharded model every rank runs this (each forward needs them all) and rank 0 logs; no best.pt is written
+        then, as rank 0 does not hold the whole model."""
         cfg, state = self.cfg, self.state
         nats, bpb = evaluation.val_loss(self.raw_model, self.tokenizer, self.corpora, cfg.eval_seq_len,
                                         cfg.eval_batch_size, cfg.eval_iters, self.autocast)
@@ -479,14 +517,16 @@ class Trainer:
             record["arith_accuracy"] = evaluation.arith_accuracy(self.raw_model, self.tokenizer, self.problems,
                                                                  self.autocast)
         self.log(record)
-        tqdm.write(f"step {state['global_step']} stage {s} ({stage.name}): val " +
-                   ", ".join(f"{k} {nats[k]:.3f} ({bpb[k]:.3f} bpb)" for k in nats) +
-                   (f", arith exact match {record['arith_accuracy']['all']:.2f}" if self.problems else ""))
+        if self.master:
+            tqdm.write(f"step {state['global_step']} stage {s} ({stage.name}): val " +
+                       ", ".join(f"{k} {nats[k]:.3f} ({bpb[k]:.3f} bpb)" for k in nats) +
+                       (f", arith exact match {record['arith_accuracy']['all']:.2f}" if self.problems else ""))
         mean_bpb = sum(bpb.values()) / len(bpb)
         if state["best_val"] is None or mean_bpb < state["best_val"]:
             state["best_val"] = mean_bpb
-            save_atomic({"model": self.raw_model.state_dict(), "model_config": dataclasses.asdict(self.model_cfg),
-                         "meta": self.meta, "state": dict(state)}, self.best_path)
+            if not self.sharded:
+                save_atomic({"model": self.raw_model.state_dict(), "meta": self.meta, "state": dict(state),
+                             "model_config": dataclasses.asdict(self.model_cfg)}, self.best_path)
 
     def show_what_was_learned(self):
         with open(self.metrics_path) as f:
@@ -499,7 +539,7 @@ class Trainer:
     def stop_requested(self):
         """Whether any rank got SIGINT/SIGTERM: all ranks must stop at the same step."""
         stopping = torch.tensor(float(self.stop_signal is not None), device=self.device)
-        if self.ddp:
+        if self.distributed:
             dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
         return bool(stopping.item())
 
@@ -508,17 +548,23 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if self.device_type == "cuda" else None}
         rngs = [rng] * self.world_size
-        if self.ddp:
+        if self.distributed:
             dist.all_gather_object(rngs, rng)
-        if self.master:
-            save_atomic({"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                         "model_config": dataclasses.asdict(self.model_cfg),
-                         "train_config": dataclasses.asdict(self.cfg), "meta": self.meta, "state": dict(self.state),
-                         "loader": loader.state_dict(), "rng": rngs, "world_size": self.world_size}, self.ckpt_path)
+        run = {"model_config": dataclasses.asdict(self.model_cfg), "train_config": dataclasses.asdict(self.cfg),
+               "meta": self.meta, "state": dict(self.state), "loader": loader.state_dict(), "rng": rngs,
+               "world_size": self.world_size}
+        if self.sharded:
+            save_sharded(self.raw_model, self.optimizer, run, self.cfg.out_dir)
+        elif self.master:
+            save_atomic({"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), **run},
+                        self.ckpt_path)
+
+    def saved_to(self):
+        return latest_sharded(self.cfg.out_dir) if self.sharded else self.ckpt_path
 
     def finish(self, message, complete=False):
         self.bar.close()
-        if self.ddp:  # every rank leaves together, before rank 0's plots and samples (a rank that tears
+        if self.distributed:  # every rank leaves together, before rank 0's plots and samples (a rank that tears
             dist.barrier()  # down gloo while another still talks to it can abort)
             dist.destroy_process_group()
         if self.master:
@@ -526,7 +572,10 @@ class Trainer:
             if complete and self.cfg.plots:
                 import plot
                 plot.plot_run(self.cfg.out_dir)
-            if complete and self.cfg.samples:
+            if complete and self.cfg.samples and self.sharded:
+                print(f"(no samples here: no rank holds the whole model. python checkpoint.py {self.cfg.out_dir} "
+                      f"writes it to one file, then python sample.py --out_dir={self.cfg.out_dir})")
+            elif complete and self.cfg.samples:
                 self.show_what_was_learned()
 
 

@@ -47,23 +47,6 @@ def test_every_stage_ends_at_its_lr_end():
         Stage("c", {"x": 1}, steps=3, warmup=3)
 
 
-def test_ddp_two_ranks_match_one_process_with_double_accumulation(corpora, tmp_path):
-    stages = [dict(name="s", mixture={"shakespeare": 1.0}, steps=6, seq_len=32, batch_size=2, grad_accum=a)
-              for a in (1, 2)]
-    ddp_cfg = write_config(tmp_path / "ddp.py", tmp_path / "ddp", stages=[stages[0]])
-    one_cfg = write_config(tmp_path / "one.py", tmp_path / "one", stages=[stages[1]])
-    ddp = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               ddp_cfg])
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one = run([sys.executable, "train.py", one_cfg])
-    assert one.returncode == 0, one.stderr[-3000:]
-    a, b = train_records(tmp_path / "ddp"), train_records(tmp_path / "one")
-    assert len(a) == len(b) == 6
-    for ra, rb in zip(a, b):
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
-        assert ra["tokens"] == rb["tokens"]
-
-
 def test_sigkill_and_resume_gives_the_same_final_loss(corpora, tmp_path):
     straight = write_config(tmp_path / "a.py", tmp_path / "a")
     assert run([sys.executable, "train.py", straight]).returncode == 0

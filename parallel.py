@@ -1,0 +1,203 @@
+"""
+How the model is spread over ranks: data parallelism (DDP or FSDP2) and expert parallelism (EP).
+
+    ddp       every rank holds the whole model, its gradients and its Adam state; gradients are averaged
+    fsdp      FSDP2: each block's parameters (and so their gradients and Adam state) are split over the ranks,
+              gathered just before the block runs and freed after; gradients are reduce-scattered
+    ep=N      combines with either: each MoE layer's routed experts are split over groups of N ranks. A token's
+              row travels to the rank holding its expert (all_to_all, uneven counts) and comes back the same way
+
+With EP the world is a grid of (world / ep) x ep ranks: the ep ranks of a row hold different experts and trade
+tokens; the ranks of a column hold the same experts and average their gradients. Everything but the routed experts
+(attention, router, shared experts, embeddings) is data parallel over the whole world, as without EP.
+
+train.py calls: check_layout (settings), build_sharded (the model built on the meta device, spread, then each
+rank's part made: no rank holds the whole model), reduce_expert_grads (after backward) and clip_grad_norm_ (for any
+mix of whole and split tensors). memory_per_rank is the arithmetic behind the README's memory table (bench.py).
+"""
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from model import GPT, weight_stds
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def check_layout(parallel, ep, world_size, n_experts):
+    """None if the layout fits, else what is wrong and how to fix it."""
+    if parallel not in PARALLEL:
+        return f"parallel must be one of {', '.join(PARALLEL)}; got {parallel!r}"
+    if parallel == "fsdp" and world_size == 1:
+        return ("parallel='fsdp' shards the model over ranks, and this is one process: launch with torchrun "
+                "--nproc_per_node=N (N >= 2), or use parallel='ddp' for a single process")
+    if ep < 1 or n_experts % ep != 0:
+        return f"ep ({ep}) must divide n_experts ({n_experts}): each EP rank holds n_experts / ep experts"
+    if world_size % ep != 0:
+        return (f"ep ({ep}) must divide the world size ({world_size}): the ranks form groups of ep that split "
+                f"the experts; launch a multiple of {ep} processes")
+    return None
+
+
+def sharded(parallel, ep):
+    """Whether a rank holds only part of the model (and so its checkpoint is sharded, and every rank evaluates)."""
+    return parallel == "fsdp" or ep > 1
+
+
+# -----------------------------------------------------------------------------------------------------
+# Expert parallelism: the dispatch and combine of one MoE layer (MoE.ep), and the split of its weights
+
+class ExpertParallel:
+    """MoE.ep for a layer whose routed experts are split evenly over the ranks of `group`: rank r holds experts
+    [r * E/ep, (r + 1) * E/ep). Called with this rank's rows sorted by expert; returns their outputs, times the
+    gate, in the same order. Dropless: every row is computed, however unevenly the experts are loaded."""
+
+    def __init__(self, group):
+        self.group, self.size = group, dist.get_world_size(group)
+
+    def __call__(self, moe, xs, counts, gate):
+        per_rank = counts.numel() // self.size
+        sent = counts.view(self.size, per_rank)  # sent[r, j]: rows for rank r's j-th expert
+        got = torch.empty_like(sent)              # got[r, j]: rows rank r sends for my j-th expert
+        dist.all_to_all_single(got, sent, group=self.group)
+        send_sizes, recv_sizes = sent.sum(1).tolist(), got.sum(1).tolist()
+        recv = all_to_all_single_autograd(xs, recv_sizes, send_sizes, self.group)
+        # The rows arrive grouped by sender, each sender's sorted by expert; the experts want them by expert.
+        expert = torch.arange(per_rank, device=xs.device).repeat(self.size).repeat_interleave(got.flatten())
+        order = expert.argsort(stable=True)
+        ys = moe.experts(recv.index_select(0, order), got.sum(0))
+        ys = ys.index_select(0, order.argsort())  # back to arrival order
+        back = all_to_all_single_autograd(ys, send_sizes, recv_sizes, self.group)
+        return back * gate.to(back.dtype)
+
+
+def shard_experts(model, mesh):
+    """Replace every MoE layer's expert weights by this rank's slice, as DTensors on the (edp, ep) mesh:
+    split over ep, replicated over edp (so a sharded checkpoint knows the whole), and install the dispatch."""
+    ep_rank, ep = mesh["ep"].get_local_rank(), mesh["ep"].size()
+    for moe in model.moe_layers():
+        n = moe.n_experts // ep
+        for name in ("w1", "w3", "w2"):
+            local = getattr(moe, name).detach()[ep_rank * n:(ep_rank + 1) * n].clone()
+            setattr(moe, name, nn.Parameter(DTensor.from_local(local, mesh, [Replicate(), Shard(0)],
+                                                               run_check=False)))
+        moe.ep = ExpertParallel(mesh["ep"].get_group())
+
+
+def expert_params(model):
+    """The split expert weights (none without EP)."""
+    return [w for moe in model.moe_layers() if moe.ep is not None for w in (moe.w1, moe.w3, moe.w2)]
+
+
+def reduce_expert_grads(model, world_size):
+    """After backward, make the split experts' gradients the mean over the world, as DDP and FSDP make the rest.
+    An expert's local gradient already sums the losses of every rank of its EP group (their rows came to it);
+    the ranks of its edp column, which hold the same experts, add theirs; then divide by the world size."""
+    for w in expert_params(model):
+        if w.grad is None:
+            continue
+        g = w.grad.to_local()
+        mesh = w.grad.device_mesh
+        if mesh["edp"].size() > 1:
+            dist.all_reduce(g, group=mesh["edp"].get_group())
+        g.div_(world_size)
+
+
+# -----------------------------------------------------------------------------------------------------
+
+def spread(model, parallel, ep, device_type, bf16):
+    """Spread the model over the ranks in place (before its optimizer is made: the parameters change).
+    ep > 1 splits the experts; fsdp shards every block, then the root (embeddings, final norm), leaving the
+    split experts to EP. On CUDA with bf16, FSDP gathers weights in bf16 and reduces gradients in fp32."""
+    world = dist.get_world_size()
+    if ep > 1:
+        shard_experts(model, init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("edp", "ep")))
+    if parallel != "fsdp":
+        return
+    mesh = init_device_mesh(device_type, (world,))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if device_type == "cuda" and bf16 else MixedPrecisionPolicy())
+    experts = set(expert_params(model))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=experts & set(block.parameters()))
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=experts)
+
+
+def rows_per_ep_rank(tokens_per_expert, ep):
+    """Per MoE layer, the rows each EP rank computes in a micro-step, from tokens_per_expert (per layer, per
+    expert: the mean over all ranks of the rows each sent to that expert). An EP group of ep ranks sends ep
+    times the mean; each EP rank computes its experts' share."""
+    return [[ep * sum(layer[r * len(layer) // ep:(r + 1) * len(layer) // ep]) for r in range(ep)]
+            for layer in tokens_per_expert]
+
+
+def build_sharded(config, parallel, ep, device, bf16, verbose=True):
+    """The model spread over the ranks without any rank ever holding all of it: built on the meta device (no
+    memory), spread, then each rank's part allocated on `device` and filled with exactly the values a one-process
+    GPT(config) gets from the same seed: model.weight_stds' draws, in its order, each weight made whole on the
+    CPU one at a time (the largest single weight is the most any rank holds at once), of which it keeps its part."""
+    with torch.device("meta"):
+        model = GPT(config, verbose=verbose)
+    spread(model, parallel, ep, torch.device(device).type, bf16)
+    model.to_empty(device=device)
+    if config.tie_embeddings:  # (to_empty makes each module's weight anew, which unties a weight two modules share)
+        model.lm_head.weight = model.wte.weight
+    with torch.no_grad():
+        for w, std in weight_stds(model, config.n_layer):
+            whole = torch.empty(w.shape).normal_(0, std)
+            if isinstance(w, DTensor):
+                whole = distribute_tensor(whole, w.device_mesh, w.placements, src_data_rank=None)
+            w.copy_(whole)
+        for m in model.modules():
+            if isinstance(m, nn.RMSNorm):
+                m.weight.fill_(1.0)
+    return model
+
+
+def ddp_ignored(model):
+    """Names of the parameters DDP must leave alone: the split experts (reduce_expert_grads averages them)."""
+    ids = {id(w) for w in expert_params(model)}
+    return [name for name, p in model.named_parameters() if id(p) in ids]
+
+
+def clip_grad_norm_(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_ for a model whose gradients are whole tensors, FSDP shards and EP slices
+    at once (torch's own needs them all alike). Each kind's norm is reduced over the ranks that split it; the
+    total is the norm of those norms. Returns the total norm (before clipping)."""
+    groups = defaultdict(list)
+    for p in params:
+        if p.grad is not None:
+            groups[(p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None].append(p.grad)
+    norms = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # (torch's rule)
+    torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for grads in groups.values() for g in grads],
+                        coef)
+    return total
+
+
+# -----------------------------------------------------------------------------------------------------
+# The arithmetic of the README's memory table
+
+def memory_per_rank(n_params, n_expert_params, world, parallel, ep=1):
+    """Bytes one rank holds as (parameters, gradients, AdamW state), all fp32 (bf16 training keeps fp32 master
+    weights; FSDP's bf16 copies live only while a block runs). DDP: everything on every rank. FSDP: 1/world of
+    it. EP: 1/ep of the routed experts (the ranks of an edp column hold the same ones), everything else as the
+    data-parallel layout has it. Activations and the transient gathers are not counted."""
+    rest, experts = n_params - n_expert_params, n_expert_params
+    if parallel == "fsdp":
+        rest /= world
+    experts /= ep if ep > 1 else (world if parallel == "fsdp" else 1)
+    n = rest + experts
+    return 4 * n, 4 * n, 8 * n
+
