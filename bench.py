@@ -15,6 +15,7 @@ noisy), printed as a table.
 8. where a training step's time goes at nanoGPT's CPU shape: attention, dense MLP, MoE, the rest
 9. the same step's top ops by self time (torch.profiler)
 10. memory per rank (parameters, gradients, Adam state) under DDP, FSDP and FSDP + EP, for the presets
+11. decoding tokens/s with the cache at nanoGPT's shape after 1K and 8K of context, hybrid vs all-global
 """
 
 import json
@@ -266,6 +267,32 @@ def bench_decode(cfg, name, vocab_size, context=1024, new_tokens=64):
             "with_prefill_speedup": t["recompute"] / t["cache"]}
 
 
+def bench_decode_layouts(cfg, contexts=(1024, 8192), new_tokens=64):
+    """Decoding with the cache after a 1K and an 8K prompt at nanoGPT's shape (nano_char: LLLG, window 32), hybrid
+    vs all-global, side by side: decode tokens/s (the prefill timed apart and taken off) and cache bytes. Random
+    weights: this measures speed, not text."""
+    rows = []
+    for context in contexts:
+        models = {}
+        for layout, override in (("hybrid", {}), ("all_global", {"attn_pattern": "G"})):
+            torch.manual_seed(0)
+            config = preset("nano_char", block_size=context + new_tokens, vocab_size=65, **override)
+            models[layout] = GPT(config, verbose=False).to(cfg.device).eval()
+        prompt = torch.randint(0, 65, (1, context), device=cfg.device)
+        fns = {}
+        for layout, model in models.items():
+            fns[f"{layout} prefill"] = lambda m=model: m.generate(prompt, 1, temperature=0)
+            fns[f"{layout} all"] = lambda m=model: m.generate(prompt, new_tokens + 1, temperature=0)
+        t = timed(fns, min(cfg.repeats, 3), cfg.device)
+        speed = {k: new_tokens / (t[f"{k} all"] - t[f"{k} prefill"]) for k in models}
+        for layout, model in models.items():
+            rows.append({"context": context, "layout": layout, "decode_tokens_per_s": speed[layout],
+                         "vs_all_global": speed[layout] / speed["all_global"],
+                         "prefill_ms": 1000 * t[f"{layout} prefill"],
+                         "kv_cache_KiB": kv_cache_bytes(model.config, context + new_tokens, torch.float32) / 1024})
+    return rows
+
+
 def local_attention_bytes(config, context, batch_size=1):
     """The memory each local-attention kernel builds for one full-length sequence. CPU's blocked SDPA kernel
     (attention._local_attention), worked out from its shapes: the banded mask over every query block (bool,
@@ -362,7 +389,9 @@ def main(argv):
                 ("9. the same step under torch.profiler: top ops by self time (profiler overhead included)",
                  "top_ops", lambda: profile_top_ops(cfg, dtype)),
                 ("10. memory per rank, fp32 parameters, gradients and AdamW state (parallel.memory_per_rank)",
-                 "memory_per_rank", memory_rows)]
+                 "memory_per_rank", memory_rows),
+                ("11. decoding with the cache at nanoGPT's shape after 1K and 8K of context: hybrid vs all-global",
+                 "decode_layouts", lambda: bench_decode_layouts(cfg))]
     for title, key, fn in sections:
         t0 = time.time()
         results[key] = fn()

@@ -16,6 +16,7 @@ rank's part made: no rank holds the whole model), reduce_expert_grads (after bac
 mix of whole and split tensors). memory_per_rank is the arithmetic behind the README's memory table (bench.py).
 """
 
+import warnings
 from collections import defaultdict
 
 import torch
@@ -122,6 +123,9 @@ def spread(model, parallel, ep, device_type, bf16):
     if parallel != "fsdp":
         return
     mesh = init_device_mesh(device_type, (world,))
+    # FSDP warns when a sharded module returns a view (a block's K/V, the per-token losses): an in-place op on one
+    # would skip a gather in backward. Nothing here writes into a module's output in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if device_type == "cuda" and bf16 else MixedPrecisionPolicy())
     experts = set(expert_params(model))

@@ -33,7 +33,7 @@ class RouterConfig:
     top_k: int = 2                   # experts per token under top-k routing
     min_k: int = 1                   # top-p: at least this many experts per token
     max_k: Optional[int] = None      # top-p: at most this many experts per token (None: no cap)
-    n_expert_groups: int = 1         # expert groups (one per expert-parallel rank) for the group balance loss
+    n_expert_groups: int = 1         # expert groups for the group balance loss (train.py: the EP ranks, ep, if unset)
     balance_loss: float = 1e-2       # weight of the Switch-style expert balance loss (Huang et al. 2024)
     group_balance_loss: float = 0.0  # weight of the group-level balance loss (DeepSeek-V2 uses 0.05)
     entropy_loss: float = 1e-4       # weight of the router-entropy "dynamic loss" (Huang et al. 2024)
@@ -318,10 +318,11 @@ class MoE(nn.Module):
         # picks it there): a slice's intermediates stay in cache instead of making three passes over the
         # whole buffer. An expert with no tokens still multiplies an empty slice, so its weights stay in
         # the autograd graph (zero gradient) and DDP needs no find_unused_parameters. Without autograd
-        # (decoding) there is no graph to keep, and skipping empty experts saves most of the small ops.
+        # (decoding) there is no graph to keep, and skipping empty experts saves most of the small ops (not under
+        # torch.compile: a test of a slice's data-dependent length cannot be traced).
         # (Iterating over the stacked weights unbinds them: one backward op stacks every expert's gradient.
         # Indexing w1[e] instead would give each expert a backward that writes a full-size zero gradient.)
-        sizes, keep_empty = counts.tolist(), torch.is_grad_enabled()
+        sizes, keep_empty = counts.tolist(), torch.is_grad_enabled() or torch.compiler.is_compiling()
         pieces = [(F.silu(xe @ a) * (xe @ b)) @ c for xe, a, b, c in zip(xs.split(sizes), w1, w3, w2)
                   if keep_empty or len(xe)]
         return scale(torch.cat(pieces)) if pieces else xs.new_zeros(0, w2.shape[-1])  # (a rank may get no rows)

@@ -137,6 +137,7 @@ def test_bad_layouts_stop_with_a_message_and_write_nothing(corpora, tmp_path, np
 @pytest.mark.parametrize("nproc, flags, differ", [
     (3, ["--parallel=fsdp"], "world_size: checkpoint 2, now 3"),
     (2, [], "parallel: checkpoint 'fsdp', now 'ddp'"),
+    (2, ["--parallel=fsdp", "--resume=False"], "holds a run (sharded), and --resume=False would overwrite it"),
 ])
 def test_a_sharded_run_refuses_another_world_size_or_layout(runs, nproc, flags, differ):
     out = runs["fsdp"]
