@@ -219,7 +219,11 @@ def consolidate(out_dir):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python checkpoint.py OUT_DIR   (writes OUT_DIR/ckpt.pt from its newest sharded checkpoint, "
-                 "for sample.py)")
-    print(f"wrote {consolidate(sys.argv[1])}")
+    usage = ("usage: python checkpoint.py OUT_DIR\n  writes OUT_DIR/ckpt.pt (whole tensors, for sample.py) from the "
+             "newest sharded checkpoint of a run trained with parallel='fsdp' or ep > 1")
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(usage)
+    elif len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        sys.exit(usage)
+    else:
+        print(f"wrote {consolidate(sys.argv[1])}")

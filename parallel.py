@@ -28,6 +28,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from model import GPT, weight_stds
+from router import compute_dtype
 
 PARALLEL = ("ddp", "fsdp")
 
@@ -69,6 +70,7 @@ class ExpertParallel:
         got = torch.empty_like(sent)              # got[r, j]: rows rank r sends for my j-th expert
         dist.all_to_all_single(got, sent, group=self.group)
         send_sizes, recv_sizes = sent.sum(1).tolist(), got.sum(1).tolist()
+        xs = xs.to(compute_dtype(xs))  # (the experts' dtype: under bf16 autocast, half the bytes on the wire)
         recv = all_to_all_single_autograd(xs, recv_sizes, send_sizes, self.group)
         # The rows arrive grouped by sender, each sender's sorted by expert; the experts want them by expert.
         expert = torch.arange(per_rank, device=xs.device).repeat(self.size).repeat_interleave(got.flatten())
