@@ -1,5 +1,6 @@
 """
-Multi-stage training, on one CPU, one GPU, or many GPUs and nodes with DDP.
+Multi-stage training, on one CPU, one GPU, or many GPUs and nodes with DDP, FSDP2 and expert parallelism
+(parallel.py says how the model is spread over the ranks).
 
     python train.py config/default.py                 # the three-stage CPU run of the quickstart
     python train.py config/shakespeare_char.py --compile=False
