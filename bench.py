@@ -337,9 +337,9 @@ def memory_rows(worlds=(8, 64, 2048)):
     for name in ("nano_char", "gpt2_124m", "yi_lightning_like"):
         config = preset(name)
         with torch.device("meta"):
-            n_params = GPT(config, verbose=False).num_params()
-        n_moe = config.n_layer - config.n_dense_layers
-        n_experts = n_moe * config.n_experts * 3 * config.n_embd * config.expert_hidden
+            model = GPT(config, verbose=False)
+        n_params = model.num_params()
+        n_experts = n_params - model.num_params(active=True, experts_per_token=0)  # (the routed experts)
         for world in worlds:
             ep = math.gcd(world, config.n_experts)
             for layout, parallel, e in (("DDP", "ddp", 1), ("FSDP", "fsdp", 1), (f"FSDP+EP{ep}", "fsdp", ep)):

@@ -110,6 +110,8 @@ def load_checkpoint(path, model_cfg, train_cfg, world_size):
 
 
 def read(path):
+    """A checkpoint train.py wrote (any kind: ckpt.pt, best.pt, a sharded one's run.pt), loaded as data only
+    (weights_only), or SystemExit saying why it is not one. load_checkpoint and sample.py read through here."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 import cli
+from checkpoint import latest_sharded, read
 from data.corpus import Tokenizer
 from model import GPT, GPTConfig
 
@@ -56,7 +57,7 @@ def load_run(out_dir, which="ckpt", device="cpu"):
     """(model, tokenizer) from a run directory, or SystemExit with a message that says what is wrong. The
     model routes as it last trained: its router settings travel in its state dict."""
     path = os.path.join(out_dir, f"{which}.pt")
-    if not os.path.isfile(path) and os.path.isdir(os.path.join(out_dir, "sharded")):
+    if not os.path.isfile(path) and latest_sharded(out_dir) is not None:
         raise SystemExit(f"no {which}.pt in {out_dir}: that run's checkpoint is sharded over its ranks. "
                          f"python checkpoint.py {out_dir} writes it to {path}")
     if not os.path.isfile(path):
@@ -64,8 +65,8 @@ def load_run(out_dir, which="ckpt", device="cpu"):
             if os.path.isdir("out") else []
         raise SystemExit(f"no checkpoint at {path}. Run directories here: {', '.join(runs) or 'none'} "
                          f"(train one with: python train.py config/default.py)")
+    ckpt = read(path)  # data only (weights_only): no code runs
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # data only: no code runs
         config = GPTConfig(**ckpt["model_config"])
         meta = ckpt["meta"]
     except Exception as e:

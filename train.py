@@ -333,11 +333,13 @@ class Trainer:
         checkpoint (checkpoint.py) comes first: a run with another layout is refused there, as parallel and ep
         are settings it records, like the world size."""
         fresh = {"stage": 0, "step": 0, "global_step": 0, "tokens": 0, "best_val": None}
-        folder = latest_sharded(self.cfg.out_dir) if self.cfg.resume else None
+        if not self.cfg.resume:
+            return fresh, None
+        folder = latest_sharded(self.cfg.out_dir)
         if folder is not None:
             ckpt, where = load_sharded(self.raw_model, self.optimizer, folder, self.model_cfg, self.cfg,
                                        self.world_size), folder
-        elif self.cfg.resume and os.path.exists(self.ckpt_path):
+        elif os.path.exists(self.ckpt_path):
             ckpt, where = load_checkpoint(self.ckpt_path, self.model_cfg, self.cfg, self.world_size), self.ckpt_path
             self.raw_model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
