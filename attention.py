@@ -218,7 +218,13 @@ class Attention(nn.Module):
             k = apply_rope(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(layer, k, v)
-        y = causal_attention(q, k, v, self.window)
+        if cache is not None and T == 1:
+            # A decoding step attends over the cache's whole buffers, masking the slots not written yet: no shape
+            # depends on the position, so a compiled step is captured once (GPT.generate(compile=True)).
+            seen = (torch.arange(k.shape[2], device=k.device) <= cache.position).view(1, -1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=self.n_head != self.n_kv_head)
+        else:
+            y = causal_attention(q, k, v, self.window)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.dropout(self.o_proj(y)), (k, v)
 
@@ -229,20 +235,32 @@ class Attention(nn.Module):
 class KVCache:
     """Keys and values of past positions, per layer, for decoding one token (or a chunk) at a time.
 
-    kinds: one per layer. LOCAL keeps a ring buffer of at most `window` positions, GLOBAL every position up
-    to max_len, SHARED nothing (it reuses the GLOBAL layer before it).
+    kinds: one per layer. LOCAL keeps a ring buffer of at most `window` positions (position p in slot p % window),
+    GLOBAL every position up to max_len (position p in slot p), SHARED nothing (it reuses the GLOBAL layer before
+    it). `position`, the next position to fill, is a tensor on the cache's device: a compiled decoding step reads
+    it as data, where a Python int would be baked into the compiled code and recompile it at every token.
     """
 
     def __init__(self, kinds, window, batch_size, n_kv_head, head_dim, max_len, device=None, dtype=torch.float32):
         if set(kinds) - set(KINDS):
             raise ValueError(f"layer kinds must be among {KINDS}; got {sorted(set(kinds) - set(KINDS))}")
-        self.kinds, self.max_len, self.pos = list(kinds), max_len, 0
+        self.kinds, self.max_len = list(kinds), max_len
+        self.position = torch.zeros((), dtype=torch.long, device=device)
         self.k, self.v = [], []
         for kind in self.kinds:
             n = {LOCAL: min(window, max_len), GLOBAL: max_len, SHARED: 0}[kind]
             shape = (batch_size, n_kv_head, n, head_dim)
             self.k.append(torch.zeros(shape, device=device, dtype=dtype) if n else None)
             self.v.append(torch.zeros(shape, device=device, dtype=dtype) if n else None)
+
+    @property
+    def pos(self):
+        """Positions filled so far, as an int (reads the tensor back: for checks and chunks, not per token)."""
+        return int(self.position)
+
+    def advance(self, T):
+        """The T positions just written are now filled (GPT.forward and generate call it after each step)."""
+        self.position += T
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
@@ -253,25 +271,27 @@ class KVCache:
                              f"{T} more were given; make the cache with a larger max_len")
 
     def update(self, layer, k, v):
-        """Store the new k, v (B, H, T, D) at positions pos .. pos+T-1 of this layer and return every key and
-        value the new queries may attend to, in position order (a ring may return the last window unordered
-        when T == 1: a single query's attention does not depend on key order)."""
+        """Store the new k, v (B, H, T, D) at the positions from `position` on and return the keys and values the
+        new queries attend to. One position (T == 1, decoding): the layer's whole buffers, some slots not written
+        yet (Attention masks them) and a ring's in slot order (one query's attention does not depend on key
+        order); static shapes. A chunk: every key and value up to the chunk's last, in position order."""
         T, K, V = k.shape[2], self.k[layer], self.v[layer]
-        if self.kinds[layer] == GLOBAL:  # append
-            K[:, :, self.pos:self.pos + T] = k
-            V[:, :, self.pos:self.pos + T] = v
-            return K[:, :, :self.pos + T], V[:, :, :self.pos + T]
-        n = K.shape[2]  # ring size; position p lives in slot p % n
         if T == 1:
-            K[:, :, self.pos % n] = k[:, :, 0]
-            V[:, :, self.pos % n] = v[:, :, 0]
-            filled = min(self.pos + 1, n)
-            return K[:, :, :filled], V[:, :, :filled]
-        # A chunk: lay out the kept past in order, append the chunk, keep the last n positions in the ring.
-        past = torch.arange(max(0, self.pos - n), self.pos, device=K.device) % n
+            slot = (self.position % K.shape[2]).view(1)
+            K.index_copy_(2, slot, k)
+            V.index_copy_(2, slot, v)
+            return K, V
+        pos = self.pos
+        if self.kinds[layer] == GLOBAL:  # append
+            K[:, :, pos:pos + T] = k
+            V[:, :, pos:pos + T] = v
+            return K[:, :, :pos + T], V[:, :, :pos + T]
+        n = K.shape[2]  # ring size; position p lives in slot p % n
+        # Lay out the kept past in order, append the chunk, keep the last n positions in the ring.
+        past = torch.arange(max(0, pos - n), pos, device=K.device) % n
         k_all = torch.cat([K[:, :, past], k], dim=2)
         v_all = torch.cat([V[:, :, past], v], dim=2)
-        keep = torch.arange(self.pos + T - min(n, k_all.shape[2]), self.pos + T, device=K.device)
-        K[:, :, keep % n] = k_all[:, :, keep - (self.pos + T - k_all.shape[2])]
-        V[:, :, keep % n] = v_all[:, :, keep - (self.pos + T - v_all.shape[2])]
+        keep = torch.arange(pos + T - min(n, k_all.shape[2]), pos + T, device=K.device)
+        K[:, :, keep % n] = k_all[:, :, keep - (pos + T - k_all.shape[2])]
+        V[:, :, keep % n] = v_all[:, :, keep - (pos + T - v_all.shape[2])]
         return k_all, v_all

@@ -39,6 +39,7 @@ class SampleConfig:
     seed: int = 1337                    # seeds the sampling
     device: str = "auto"                # "auto" (cuda if available), "cpu", "cuda", ...
     show_experts: bool = False          # shade each token by its routed experts (terminal + out_dir/experts.png)
+    compile: bool = False               # compile the one-token step (about 20 s once on a 2-core CPU): long samples
 
     def __post_init__(self):
         def need(ok, message):
@@ -191,9 +192,10 @@ def main(argv):
         with autocast:  # bf16 on CUDA: the matmuls, the KV cache and the MoE's grouped GEMM path
             cache = model.make_cache(1, len(prompt) + cfg.max_new_tokens)
             out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cache=cache,
-                                 on_token=stream, vocab_size=tokenizer.vocab_size)
+                                 on_token=stream, vocab_size=tokenizer.vocab_size, compile=cfg.compile)
         dt = time.time() - t0
-        print(f"\n--- {cfg.max_new_tokens} tokens in {dt:.2f}s ({cfg.max_new_tokens / dt:.1f} tokens/s), "
+        print(f"\n--- {cfg.max_new_tokens} tokens in {dt:.2f}s ({cfg.max_new_tokens / dt:.1f} tokens/s"
+              f"{', with the compilation' if cfg.compile and n == 0 else ''}), "
               f"KV cache {cache.nbytes() / 1024:.1f} KiB for {cache.max_len} positions ---")
         if cfg.show_experts:
             show_experts(model, tokenizer, out[0].tolist(), os.path.join(cfg.out_dir, "experts.png"))

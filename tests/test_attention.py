@@ -219,7 +219,7 @@ def run_stack(layers, x, start, cache=None):
             kv = layer_kv
         x = x + y
     if cache is not None:
-        cache.pos += x.shape[1]
+        cache.advance(x.shape[1])
     return x
 
 
@@ -260,7 +260,7 @@ def test_cache_size_and_overflow():
     cache = KVCache(list("LLLGLLLS"), window, B, H, D, L)
     per_position = 2 * B * H * D * 4  # K and V, fp32
     assert cache.nbytes() == per_position * (6 * window + 1 * L)
-    cache.pos = L - 1
+    cache.advance(L - 1)
     cache.check_room(1)
     with pytest.raises(ValueError, match="KV cache is full"):
         cache.check_room(2)
