@@ -137,9 +137,10 @@ class Block(nn.Module):
         a, kv = self.attn(self.attn_norm(x), cos, sin, kv, cache, layer)
         x = x + a
         if isinstance(self.ffn, MoE):
-            # A decoding step (one new position per sequence) runs every expert on its few rows: cheaper there
-            # than dispatching them, and no shape depends on the routing (MoE.forward).
-            f, aux, routing = self.ffn(self.ffn_norm(x), dense=cache is not None and x.shape[1] == 1)
+            # A compiled decoding step (one new position per sequence) runs every expert on its few rows, gated, so
+            # that no shape depends on the routing (MoE.forward); eager decoding dispatches, as training does.
+            dense = cache is not None and x.shape[1] == 1 and torch.compiler.is_compiling()
+            f, aux, routing = self.ffn(self.ffn_norm(x), dense=dense)
         else:
             f, aux, routing = self.ffn(self.ffn_norm(x)), x.new_zeros(()), None
         return x + self.dropout(f), kv, aux, routing
@@ -367,7 +368,9 @@ def compiled_step(model):
     (fullgraph), its shapes fixed by the batch and cache size (dynamic=False), so it compiles once and serves every
     position (it reads the position from the cache as a tensor, and the experts run densely). On CPU, inductor's C++
     wrapper calls the step's kernels from C++ instead of Python: at a token's few dozen small kernels, that is
-    most of what is left to save."""
+    most of what is left to save. Running every expert reads every expert's weights at each token: right for
+    models with a few small experts (the CPU shapes), wasteful for many large ones (gpt2_124m's 64 per layer),
+    which decode faster eagerly."""
     cpu = model.wte.weight.device.type == "cpu"
     run = torch.compile(model.run, fullgraph=True, dynamic=False, options={"cpp_wrapper": True} if cpu else None)
 

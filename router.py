@@ -278,8 +278,9 @@ class MoE(nn.Module):
 
     def forward(self, x, dense=False):
         """dense: run every expert on every row, each output times its gate (zero where the router did not choose
-        it). For a few rows (a decoding step) that costs less than dispatching them, and no shape depends on the
-        routing, so a compiled step is captured once. Not under expert parallelism (each rank holds some experts)."""
+        it). No shape then depends on the routing, so a compiled decoding step is captured once (model.compiled_step);
+        for a step's few rows and a few small experts it costs little more than dispatching them. Not under expert
+        parallelism (each rank holds some experts)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, probs, mask = self.route(x)
@@ -332,8 +333,8 @@ class MoE(nn.Module):
         # picks it there): a slice's intermediates stay in cache instead of making three passes over the
         # whole buffer. An expert with no tokens still multiplies an empty slice, so its weights stay in
         # the autograd graph (zero gradient) and DDP needs no find_unused_parameters. Without autograd
-        # (decoding) there is no graph to keep, and skipping empty experts saves most of the small ops (not under
-        # torch.compile: a test of a slice's data-dependent length cannot be traced).
+        # (evaluation, decoding) there is no graph to keep, and skipping empty experts saves small ops
+        # (not under torch.compile: a test of a slice's data-dependent length cannot be traced).
         # (Iterating over the stacked weights unbinds them: one backward op stacks every expert's gradient.
         # Indexing w1[e] instead would give each expert a backward that writes a full-size zero gradient.)
         sizes, keep_empty = counts.tolist(), torch.is_grad_enabled() or torch.compiler.is_compiling()
