@@ -299,7 +299,8 @@ def bench_compiled_decode(cfg, new_tokens=500):
     """generate() at nanoGPT's shape (nano_char, 65 characters), new_tokens from one, batch 1: the eager step and
     the compiled one (generate(compile=True)) in turns, after the compiled one's first call, timed on its own:
     the compilation and one generation (inductor keeps compiled code on disk, so a later process pays less).
-    Random weights: decoding runs every expert (MoE.forward's dense path), so speed does not depend on them."""
+    Random weights: the compiled step runs every expert (MoE.forward's dense path), so its speed does not depend on
+    them; the eager step dispatches, and an untrained router gives a token more experts than a trained one."""
     torch.manual_seed(0)
     model = GPT(preset("nano_char", vocab_size=65), verbose=False).to(cfg.device).eval()
     prompt = torch.zeros(1, 1, dtype=torch.long, device=cfg.device)

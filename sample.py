@@ -4,6 +4,7 @@ Sample from a trained run, streaming tokens as the KV cache produces them.
     python sample.py --out_dir=out/default --start="ROMEO:" --num_samples=2 --max_new_tokens=200
     python sample.py --out_dir=out/default --start=FILE:prompt.txt --temperature=0.8 --top_p=0.9
     python sample.py --out_dir=out/default --start="12+35=" --show_experts     # shade tokens by their experts
+    python sample.py --out_dir=out/default --max_new_tokens=5000 --compile=True  # long: compile the step first
 
 Loads out_dir/ckpt.pt (or best.pt with --checkpoint=best), rebuilds the model and the run's tokenizer, and
 prints tokens/s and the KV cache's size at the end. With --show_experts, each token of the prompt and the
@@ -39,7 +40,7 @@ class SampleConfig:
     seed: int = 1337                    # seeds the sampling
     device: str = "auto"                # "auto" (cuda if available), "cpu", "cuda", ...
     show_experts: bool = False          # shade each token by its routed experts (terminal + out_dir/experts.png)
-    compile: bool = False               # compile the one-token step (about 20 s once on a 2-core CPU): long samples
+    compile: bool = False               # compile the one-token step (17-34 s once on a 2-core CPU): long samples
 
     def __post_init__(self):
         def need(ok, message):
