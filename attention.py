@@ -220,7 +220,8 @@ class Attention(nn.Module):
                 k, v = cache.update(layer, k, v)
         if cache is not None and T == 1:
             # A decoding step attends over the cache's whole buffers, masking the slots not written yet: no shape
-            # depends on the position, so a compiled step is captured once (GPT.generate(compile=True)).
+            # depends on the position, so a compiled step is captured once (GPT.generate(compile=True)). A global
+            # layer thus reads all max_len slots at every step: size the cache to the generation (generate does).
             seen = (torch.arange(k.shape[2], device=k.device) <= cache.position).view(1, -1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=self.n_head != self.n_kv_head)
         else:
