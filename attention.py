@@ -256,7 +256,7 @@ class KVCache:
 
     @property
     def pos(self):
-        """Positions filled so far, as an int (reads the tensor back: for checks and chunks, not per token)."""
+        """Positions filled so far, as an int: the room check and chunks read it (on a GPU, reading waits for it)."""
         return int(self.position)
 
     def advance(self, T):
