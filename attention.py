@@ -238,14 +238,16 @@ class KVCache:
 
     kinds: one per layer. LOCAL keeps a ring buffer of at most `window` positions (position p in slot p % window),
     GLOBAL every position up to max_len (position p in slot p), SHARED nothing (it reuses the GLOBAL layer before
-    it). `position`, the next position to fill, is a tensor on the cache's device: a compiled decoding step reads
-    it as data, where a Python int would be baked into the compiled code and recompile it at every token.
+    it). The next position to fill is kept twice, both moved only by advance(): `pos`, an int, for the room check
+    and chunks (reading a GPU tensor back would wait for the GPU at every step), and `position`, a tensor on the
+    cache's device, which a compiled decoding step reads as data (an int would be baked into the compiled code and
+    recompile it at every token).
     """
 
     def __init__(self, kinds, window, batch_size, n_kv_head, head_dim, max_len, device=None, dtype=torch.float32):
         if set(kinds) - set(KINDS):
             raise ValueError(f"layer kinds must be among {KINDS}; got {sorted(set(kinds) - set(KINDS))}")
-        self.kinds, self.max_len = list(kinds), max_len
+        self.kinds, self.max_len, self.pos = list(kinds), max_len, 0
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self.k, self.v = [], []
         for kind in self.kinds:
@@ -254,13 +256,9 @@ class KVCache:
             self.k.append(torch.zeros(shape, device=device, dtype=dtype) if n else None)
             self.v.append(torch.zeros(shape, device=device, dtype=dtype) if n else None)
 
-    @property
-    def pos(self):
-        """Positions filled so far, as an int: the room check and chunks read it (on a GPU, reading waits for it)."""
-        return int(self.position)
-
     def advance(self, T):
-        """The T positions just written are now filled (GPT.forward and generate call it after each step)."""
+        """The T positions just written are now filled (GPT.forward and compiled_step call it after each step)."""
+        self.pos += T
         self.position += T
 
     def nbytes(self):
