@@ -21,6 +21,7 @@ Read top to bottom: the settings, the schedule, a step's numbers, then the Train
 reads like the story of a run: for each stage, begin it, then train steps, logging, evaluating and saving.
 """
 
+import atexit
 import dataclasses
 import json
 import math
@@ -590,10 +591,25 @@ def main(argv):
     return Trainer(cfg, model_cfg, tokenizer).run()
 
 
+def leave_rank(code):
+    """End a torchrun rank whose run has ended (its files written and closed) without the interpreter's teardown,
+    as multiprocessing's children end. DDP holds the process group past destroy_process_group, so the teardown
+    frees it; if a gloo worker thread is still releasing the last collectives then (all_gather_object's tensors
+    are Python objects), it needs the GIL, Python ends the thread, and the rank aborts after a complete run
+    (SIGABRT, "terminate called without an active exception"; seen in CI on CPU, its core dump shows this)."""
+    atexit._run_exitfuncs()  # what a normal exit runs first (the out_dir lock goes)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(main(sys.argv[1:]))
+        code = main(sys.argv[1:])
     except KeyboardInterrupt:  # Ctrl-C before the run's own handler is in place (it saves and exits 130)
         print("interrupted while starting: nothing was trained. Run the same command to start again.",
               file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    if "RANK" in os.environ:
+        leave_rank(code)
+    sys.exit(code)
