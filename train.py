@@ -592,11 +592,9 @@ def main(argv):
 
 
 def leave_rank(code):
-    """End a torchrun rank whose run has ended (its files written and closed) without the interpreter's teardown,
-    as multiprocessing's children end. DDP holds the process group past destroy_process_group, so the teardown
-    frees it; a gloo worker thread still releasing a finished collective then needs the GIL to free its tensors
-    (Python objects), Python ends a thread that asks for the GIL during teardown, and the rank aborts after a
-    complete run (SIGABRT, "terminate called without an active exception": seen in CI, on CPU)."""
+    """End a torchrun rank whose run is written without the interpreter's teardown, as multiprocessing's children
+    end: DDP keeps the process group until that teardown, and a gloo thread that frees a collective's tensors
+    during it aborts the rank after a complete run (the README's "How a rank ends" has the core dumps)."""
     atexit._run_exitfuncs()  # what a normal exit runs first (the out_dir lock goes)
     sys.stdout.flush()
     sys.stderr.flush()
