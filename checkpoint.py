@@ -122,6 +122,25 @@ def read(path):
     return ckpt
 
 
+def runtime_changes(then, now):
+    """One line naming how a resumed run differs from the run that wrote its checkpoint in what may change on
+    resume (device, precision, compilation: with dtype="auto" and compile=None these follow the device), or None.
+    then and now are {"device": ..., "dtype": ..., "compile": ...}; checkpoints from before this record have none."""
+    changed = [f"{k} {then[k]} -> {now[k]}" for k in now if then and k in then and then[k] != now[k]]
+    if not changed:
+        return None
+    return (f"resuming with {', '.join(changed)}: the same run, but its numbers round differently from here on "
+            f"(set device, dtype and compile to the checkpoint's to keep them)")
+
+
+def last_checkpoint(out_dir, sharded):
+    """The newest complete checkpoint of the run in out_dir (its sharded folder, or ckpt.pt), or None."""
+    if sharded:
+        return latest_sharded(out_dir)
+    path = os.path.join(out_dir, "ckpt.pt")
+    return path if os.path.exists(path) else None
+
+
 def same_run(ckpt, path, model_cfg, train_cfg, world_size):
     """ckpt if its settings are this run's (but for FREE_TO_CHANGE), else SystemExit naming each difference."""
     now = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg), "world_size": world_size}

@@ -27,6 +27,30 @@ class ConfigError(ValueError):
     pass
 
 
+# The oldest torch this code has passed its tests on (docs/results.md, "Which torch"). Older releases lack APIs it
+# uses, or have them in other forms: FlexAttention's BlockMask, torch.distributed.tensor, fully_shard,
+# torch.nn.utils.get_total_norm, SDPA's enable_gqa, torch._grouped_mm.
+MIN_TORCH = (2, 11)
+
+
+def require_torch(version=None):
+    """SystemExit naming the installed torch when it is older than MIN_TORCH (or missing). Every script imports
+    this module before the model, so an old torch is named in one line rather than met in a traceback."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+    try:
+        version = version or installed("torch")
+    except PackageNotFoundError:
+        raise SystemExit("torch is not installed: pip install -r requirements.txt") from None
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if found < MIN_TORCH:
+        oldest = ".".join(map(str, MIN_TORCH))
+        raise SystemExit(f"torch {version} is older than {oldest}, the oldest this code is tested on: "
+                         f"pip install -r requirements.txt (torch 2.13.0), or any torch >= {oldest}")
+
+
+require_torch()
+
+
 def _check(key, value, kind):
     """value checked (and ints widened to float) against a field's annotated type."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)

@@ -146,17 +146,19 @@ class Block(nn.Module):
         return x + self.dropout(f), kv, aux, routing
 
 
-def weight_stds(module, n_layer):
-    """(weight, std) for every weight of a GPT (or of a bare MoE, SwiGLU or Attention layer) that starts as
-    normal(0, std), each exactly once, in a fixed order: the one statement of the initialisation, which
-    init_weights applies and parallel.py replays shard by shard. Embeddings, projections, routers and experts:
-    0.02. Projections that write into the residual stream (attention's o_proj, every MLP's and expert's w2) are
-    scaled by 1/sqrt(2 * n_layer), as in GPT-2, so the stream's variance does not grow with depth. RMSNorm gains
-    start at 1 (not listed)."""
+def weight_inits(module, n_layer):
+    """(weight, std) for every weight of a GPT (or of a bare MoE, SwiGLU or Attention layer), each exactly once, in
+    a fixed order: the one statement of the initialisation, which init_weights applies and parallel.py replays
+    shard by shard. A weight with a std starts as normal(0, std); one with std None (an RMSNorm gain) starts at 1.
+    Embeddings, projections, routers and experts: 0.02. Projections that write into the residual stream
+    (attention's o_proj, every MLP's and expert's w2) are scaled by 1/sqrt(2 * n_layer), as in GPT-2, so the
+    stream's variance does not grow with depth."""
     std, out_std = 0.02, 0.02 / math.sqrt(2 * n_layer)
     for m in module.modules():
         if isinstance(m, nn.Embedding):
             yield m.weight, std
+        elif isinstance(m, nn.RMSNorm):
+            yield m.weight, None
         elif isinstance(m, Attention):
             for w in (m.q_proj.weight, *([m.kv_proj.weight] if m.kv_proj is not None else [])):
                 yield w, std
@@ -170,9 +172,9 @@ def weight_stds(module, n_layer):
 
 
 def init_weights(module, n_layer):
-    """Every weight of a GPT (or of a bare layer) drawn as weight_stds says."""
-    for w, std in weight_stds(module, n_layer):
-        nn.init.normal_(w, std=std)
+    """Every weight of a GPT (or of a bare layer) set as weight_inits says."""
+    for w, std in weight_inits(module, n_layer):
+        nn.init.ones_(w) if std is None else nn.init.normal_(w, std=std)
 
 
 class GPT(nn.Module):
@@ -181,7 +183,7 @@ class GPT(nn.Module):
         self.config = config
         self.rope_base = config.rope_base  # a long-context stage may raise it; saved with the weights
         # torch's layers draw a default init as they are built; init_weights replaces every one of them, so those
-        # draws are made on a forked RNG and thrown away. The weights then depend on the seed and weight_stds
+        # draws are made on a forked RNG and thrown away. The weights then depend on the seed and weight_inits
         # alone, which lets parallel.py make them shard by shard on a model built on the meta device.
         with torch.random.fork_rng(devices=[]):
             self.wte = nn.Embedding(config.vocab_size, config.n_embd)
@@ -189,11 +191,16 @@ class GPT(nn.Module):
             self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
             self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+        self.tie_weights()
         init_weights(self, config.n_layer)
         if verbose:
             print(self.describe())
+
+    def tie_weights(self):
+        """With tie_embeddings, the output layer is the token embedding (one tensor; parallel.py ties it again
+        after making the sharded model's weights anew)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
 
     def get_extra_state(self):
         return {"rope_base": self.rope_base}

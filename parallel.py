@@ -13,7 +13,7 @@ tokens; the ranks of a column hold the same experts and average their gradients.
 
 train.py calls: check_layout (settings), build_sharded (the model built on the meta device, spread, then each
 rank's part made: no rank holds the whole model), reduce_expert_grads (after backward) and clip_grad_norm_ (for any
-mix of whole and split tensors). memory_per_rank is the arithmetic behind the README's memory table (bench.py).
+mix of whole and split tensors). memory_per_rank is the arithmetic behind docs/parallel.md's memory table (bench.py).
 """
 
 import warnings
@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from model import GPT, weight_stds
+from model import GPT, weight_inits
 from router import compute_dtype
 
 PARALLEL = ("ddp", "fsdp")
@@ -147,23 +147,19 @@ def rows_per_ep_rank(tokens_per_expert, ep):
 def build_sharded(config, parallel, ep, device, bf16, verbose=True):
     """The model spread over the ranks without any rank ever holding all of it: built on the meta device (no
     memory), spread, then each rank's part allocated on `device` and filled with exactly the values a one-process
-    GPT(config) gets from the same seed: model.weight_stds' draws, in its order, each weight made whole on the
+    GPT(config) gets from the same seed: model.weight_inits' draws, in its order, each weight made whole on the
     CPU one at a time (the largest single weight is the most any rank holds at once), of which it keeps its part."""
     with torch.device("meta"):
         model = GPT(config, verbose=verbose)
     spread(model, parallel, ep, torch.device(device).type, bf16)
     model.to_empty(device=device)
-    if config.tie_embeddings:  # (to_empty makes each module's weight anew, which unties a weight two modules share)
-        model.lm_head.weight = model.wte.weight
+    model.tie_weights()  # (to_empty makes each module's weight anew, which unties a weight two modules share)
     with torch.no_grad():
-        for w, std in weight_stds(model, config.n_layer):
-            whole = torch.empty(w.shape).normal_(0, std)
+        for w, std in weight_inits(model, config.n_layer):
+            whole = torch.ones(w.shape) if std is None else torch.empty(w.shape).normal_(0, std)
             if isinstance(w, DTensor):
                 whole = distribute_tensor(whole, w.device_mesh, w.placements, src_data_rank=None)
             w.copy_(whole)
-        for m in model.modules():
-            if isinstance(m, nn.RMSNorm):
-                m.weight.fill_(1.0)
     return model
 
 
@@ -193,7 +189,7 @@ def clip_grad_norm_(params, max_norm):
 
 
 # -----------------------------------------------------------------------------------------------------
-# The arithmetic of the README's memory table
+# The arithmetic of docs/parallel.md's memory table
 
 def memory_per_rank(n_params, n_expert_params, world, parallel, ep=1):
     """Bytes one rank holds as (parameters, gradients, AdamW state), all fp32 (bf16 training keeps fp32 master

@@ -40,7 +40,7 @@ class SampleConfig:
     seed: int = 1337                    # seeds the sampling
     device: str = "auto"                # "auto" (cuda if available), "cpu", "cuda", ...
     show_experts: bool = False          # shade each token by its routed experts (terminal + out_dir/experts.png)
-    compile: bool = False               # compile the one-token step (17-34 s once on a 2-core CPU): long samples
+    compile: bool = False               # compile the one-token step first (once, slow): pays off for long samples
 
     def __post_init__(self):
         def need(ok, message):

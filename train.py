@@ -43,7 +43,8 @@ from tqdm import tqdm
 import cli
 import evaluation
 import parallel
-from checkpoint import claim_out_dir, latest_sharded, load_checkpoint, load_sharded, save_atomic, save_sharded
+from checkpoint import (claim_out_dir, last_checkpoint, latest_sharded, load_checkpoint, load_sharded, runtime_changes,
+                        save_atomic, save_sharded)
 from data.corpus import TOKENIZERS, MixtureLoader, check_token_ids, mixture_tokenizer
 from model import GPT, GPTConfig, PRESETS, compiled, make_config
 from router import RouterConfig
@@ -290,9 +291,7 @@ class Trainer:
                                                              ("ckpt.pt", "best.pt", "metrics.jsonl"))
         self.state, self.loader_state = self.restore()
         self.prepare_out_dir(resumed=self.loader_state is not None)
-        self.model = self.raw_model
-        if cfg.compile if cfg.compile is not None else self.device_type == "cuda":
-            self.model = compiled(self.model)
+        self.model = compiled(self.raw_model) if self.runtime["compile"] else self.raw_model
         if self.distributed and cfg.parallel == "ddp":
             DDP._set_params_and_buffers_to_ignore_for_model(self.model, parallel.ddp_ignored(self.model))
             self.model = DDP(self.model,
@@ -325,6 +324,8 @@ class Trainer:
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device_type == "cuda" else "float32")
         self.bf16 = dtype == "bfloat16"
+        compiling = cfg.compile if cfg.compile is not None else self.device_type == "cuda"
+        self.runtime = {"device": self.device_type, "dtype": dtype, "compile": compiling}  # (checkpoints record it)
         self.autocast = (torch.autocast(device_type=self.device_type, dtype=torch.bfloat16) if self.bf16
                          else nullcontext())
 
@@ -352,6 +353,9 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"])
         if self.master:
             print(f"resuming {where}: stage {ckpt['state']['stage']} step {ckpt['state']['step']}")
+            changes = runtime_changes(ckpt.get("runtime"), self.runtime)
+            if changes:
+                print(changes)
         return dict(ckpt["state"]), ckpt["loader"]
 
     def prepare_out_dir(self, resumed):
@@ -410,10 +414,11 @@ class Trainer:
                     self.save_checkpoint(loader)
                 if stopping:
                     self.finish(f"stopped by signal at global step {state['global_step']}; checkpoint saved to "
-                                f"{self.saved_to()}. Run the same command again to resume.")
+                                f"{last_checkpoint(cfg.out_dir, self.sharded)}. Run the same command again to "
+                                f"resume.")
                     return 128 + (self.stop_signal or signal.SIGTERM)  # (another rank may have had the signal)
         self.finish(f"run complete: {state['global_step']} steps, {state['tokens']:,} tokens. "
-                    f"Checkpoint: {self.saved_to()}", complete=True)
+                    f"Checkpoint: {last_checkpoint(cfg.out_dir, self.sharded)}", complete=True)
         return 0
 
     def begin_stage(self, s):
@@ -456,10 +461,11 @@ class Trainer:
         stats["grad_norm"] = parallel.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip or float("inf"))
         if not torch.isfinite(stats["loss"] + stats["grad_norm"]).item():
             self.bar.close()
+            saved = last_checkpoint(self.cfg.out_dir, self.sharded)
             raise SystemExit(f"non-finite loss ({stats['loss'].item()}) or gradient norm ({stats['grad_norm'].item()}) "
                              f"at stage {self.state['stage']} ({stage.name!r}) step {self.state['step']} (global step "
-                             f"{self.state['global_step']}); stopping without saving. The last good checkpoint is "
-                             f"{self.ckpt_path}.")
+                             f"{self.state['global_step']}); stopping without saving. " +
+                             (f"The last checkpoint is {saved}." if saved else "No checkpoint was written before it."))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if any(m.controls_p() for m in self.moes):  # the controller needs the numbers now: one read per step
@@ -556,15 +562,12 @@ class Trainer:
             dist.all_gather_object(rngs, rng)
         run = {"model_config": dataclasses.asdict(self.model_cfg), "train_config": dataclasses.asdict(self.cfg),
                "meta": self.meta, "state": dict(self.state), "loader": loader.state_dict(), "rng": rngs,
-               "world_size": self.world_size}
+               "world_size": self.world_size, "runtime": self.runtime}
         if self.sharded:
             save_sharded(self.raw_model, self.optimizer, run, self.cfg.out_dir)
         elif self.master:
             save_atomic({"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), **run},
                         self.ckpt_path)
-
-    def saved_to(self):
-        return latest_sharded(self.cfg.out_dir) if self.sharded else self.ckpt_path
 
     def finish(self, message, complete=False):
         self.bar.close()
@@ -594,7 +597,7 @@ def main(argv):
 def leave_rank(code):
     """End a torchrun rank whose run is written without the interpreter's teardown, as multiprocessing's children
     end: DDP keeps the process group until that teardown, and a gloo thread that frees a collective's tensors
-    during it aborts the rank after a complete run (the README's "How a rank ends" has the core dumps)."""
+    during it aborts the rank after a complete run (docs/parallel.md, "How a rank ends", has the core dumps)."""
     atexit._run_exitfuncs()  # what a normal exit runs first (the out_dir lock goes)
     sys.stdout.flush()
     sys.stderr.flush()

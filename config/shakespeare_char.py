@@ -1,6 +1,6 @@
 # nanoGPT's shakespeare_char CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 iters, lr 1e-3
 # cosine to 1e-4, warmup 100), with hybrid attention (LLLG, window 32) and top-p MoE, for side-by-side
-# comparison: nanoGPT's own run reaches val loss 1.886 at about 6.7k tokens/s on these CPUs.
+# comparison with nanoGPT's own run of that recipe: python bench_nanogpt.py --nanogpt=PATH (docs/results.md).
 out_dir = "out/shakespeare_char"
 preset = "nano_char"
 lr = 1e-3

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, PRESETS, compiled, make_config, preset
+from model import GPT, GPTConfig, PRESETS, compiled, make_config, preset, weight_inits
 
 SMALL = dict(vocab_size=101, block_size=64, n_layer=8, n_head=4, n_kv_head=2, n_embd=32, window=4,
              attn_pattern="LLLG", share_kv=True, n_experts=6, n_shared=1, expert_hidden=16, mlp_hidden=48)
@@ -246,6 +246,11 @@ def test_every_weight_is_initialised_as_documented():
         expected = out_std if name.endswith(("o_proj.weight", "w2.weight", "ffn.w2")) else 0.02
         assert p.std().item() == pytest.approx(expected, rel=0.1), name
         assert abs(p.mean().item()) < 0.2 * expected, name
+    # init_weights sets each weight once, norm gains included, and leaves none to torch's default init (which
+    # parallel.py's sharded build does not replay); a tied head is the embedding, listed once.
+    for m in (model, GPT(GPTConfig(**{**SMALL, "vocab_size": 512}), verbose=False)):
+        listed = [id(w) for w, _ in weight_inits(m, m.config.n_layer)]
+        assert sorted(listed) == sorted(id(p) for p in m.parameters())
 
 
 def test_a_compiled_training_step_is_one_graph_and_a_new_seq_len_one_recompile():

@@ -2,6 +2,7 @@
 nothing written. (train.py's table is in test_train.py, experiment.py's in test_experiment.py.)"""
 
 import os
+import re
 import sys
 
 import pytest
@@ -56,3 +57,45 @@ def test_bench_bad_inputs(args, message):
     result = run([sys.executable, "bench.py", *args])
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "##" not in result.stdout  # stopped before any section ran
+
+
+@pytest.mark.parametrize("version,refused", [("2.10.1", True), ("1.13.0+cpu", True), ("2.11.0+cu130", False),
+                                             ("2.13.0+cpu", False), ("3.0", False)])
+def test_a_torch_older_than_the_tested_one_is_named(version, refused):
+    import cli
+    if not refused:
+        cli.require_torch(version)
+        return
+    with pytest.raises(SystemExit, match=f"torch {re.escape(version)} is older than 2.11"):
+        cli.require_torch(version)
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "--nanogpt must name a nanoGPT checkout (git clone"),
+    (["--nanogpt=/no/such/nanoGPT"], "/no/such/nanoGPT lacks train.py, model.py"),
+    (["--nanogpt=."], ". lacks configurator.py, config/train_shakespeare_char.py"),  # (this project is no nanoGPT)
+    (["--nanogpt=FAKE", "--work_dir=tests"], "work_dir tests exists: name a new folder"),
+    (["--nanogpt=FAKE", "--rounds=0"], "rounds must be >= 1"),
+    (["--nanogpt=FAKE", "--decode_tokens=many"], "decode_tokens must be int"),
+])
+def test_bench_nanogpt_bad_inputs(tmp_path, args, message):
+    for name in ("train.py", "model.py", "configurator.py", "config/train_shakespeare_char.py"):  # a checkout's shape
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    args = [a.replace("FAKE", str(tmp_path)) for a in args]
+    result = run([sys.executable, "bench_nanogpt.py", *args])
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_nanogpt_gives_nanogpt_the_same_text(tmp_path):
+    # The files nanoGPT's shakespeare_char/prepare.py would write: its ids decode to our copy of the text, 90/10.
+    import pickle
+    import numpy as np
+    from bench_nanogpt import write_nanogpt_data
+    write_nanogpt_data(str(tmp_path / "d"))
+    meta = pickle.load(open(tmp_path / "d" / "meta.pkl", "rb"))
+    train, val = (np.fromfile(tmp_path / "d" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val"))
+    text = open(os.path.join(os.path.dirname(__file__), "..", "data", "shakespeare", "input.txt")).read()
+    assert meta["vocab_size"] == 65 and len(train) == int(0.9 * len(text))
+    assert "".join(meta["itos"][i] for i in np.concatenate([train, val])) == text

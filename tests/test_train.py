@@ -243,11 +243,39 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(corpora, tmp_path, monk
     with pytest.raises(SystemExit) as stop:
         train.main([config])
     assert "non-finite loss" in str(stop.value.code) and "global step 4" in str(stop.value.code)
+    assert f"The last checkpoint is {tmp_path / 'n' / 'ckpt.pt'}." in str(stop.value.code)
     ckpt = torch.load(tmp_path / "n" / "ckpt.pt", weights_only=False)
     assert ckpt["state"]["global_step"] == 3
     fresh = model.GPT(model.GPTConfig(**ckpt["model_config"]), verbose=False)
     fresh.load_state_dict(ckpt["model"])
     assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+def test_the_last_checkpoint_named_is_the_sharded_folder_for_a_sharded_run(tmp_path):
+    from checkpoint import last_checkpoint
+    assert last_checkpoint(str(tmp_path), sharded=False) is None and last_checkpoint(str(tmp_path), True) is None
+    (tmp_path / "ckpt.pt").write_bytes(b"")  # (a sharded run's consolidated file is no resumable checkpoint)
+    (tmp_path / "sharded" / "step_000000012").mkdir(parents=True)
+    (tmp_path / "sharded" / "latest").write_text("step_000000012")
+    assert last_checkpoint(str(tmp_path), sharded=True) == str(tmp_path / "sharded" / "step_000000012")
+    assert last_checkpoint(str(tmp_path), sharded=False) == str(tmp_path / "ckpt.pt")
+
+
+def test_a_resume_on_another_device_names_what_changed(corpora, tmp_path):
+    # dtype="auto" and compile=None follow the device: a CPU run resumed on CUDA would switch to bf16 and compile.
+    # No GPU here, so the checkpoint is made to say it came from one; the resume must name each change.
+    config = write_config(tmp_path / "d.py", tmp_path / "d", stages=[STAGES[0]])
+    assert run([sys.executable, "train.py", config]).returncode == 0
+    path = tmp_path / "d" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["runtime"] == {"device": "cpu", "dtype": "float32", "compile": False}
+    result = run([sys.executable, "train.py", config])
+    assert result.returncode == 0 and "resuming with" not in result.stdout  # nothing changed
+    ckpt["runtime"] = {"device": "cuda", "dtype": "bfloat16", "compile": True}
+    torch.save(ckpt, path)
+    result = run([sys.executable, "train.py", config])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming with device cuda -> cpu, dtype bfloat16 -> float32, compile True -> False" in result.stdout
 
 
 def test_mismatched_and_corrupt_checkpoints_are_refused(corpora, tmp_path):
