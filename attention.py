@@ -218,14 +218,7 @@ class Attention(nn.Module):
             k = apply_rope(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(layer, k, v)
-        if cache is not None and T == 1:
-            # A decoding step attends over the cache's whole buffers, masking the slots not written yet: no shape
-            # depends on the position, so a compiled step is captured once (GPT.generate(compile=True)). A global
-            # layer thus reads all max_len slots at every step: size the cache to the generation (generate does).
-            seen = (torch.arange(k.shape[2], device=k.device) <= cache.position).view(1, -1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=self.n_head != self.n_kv_head)
-        else:
-            y = causal_attention(q, k, v, self.window)
+        y = causal_attention(q, k, v, self.window)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.dropout(self.o_proj(y)), (k, v)
 
@@ -238,17 +231,13 @@ class KVCache:
 
     kinds: one per layer. LOCAL keeps a ring buffer of at most `window` positions (position p in slot p % window),
     GLOBAL every position up to max_len (position p in slot p), SHARED nothing (it reuses the GLOBAL layer before
-    it). The next position to fill is kept twice, both moved only by advance(): `pos`, an int, for the room check
-    and chunks (reading a GPU tensor back would wait for the GPU at every step), and `position`, a tensor on the
-    cache's device, which a compiled decoding step reads as data (an int would be baked into the compiled code and
-    recompile it at every token).
+    it). `filled` counts the positions written so far; advance() moves it once all layers have stored a step.
     """
 
     def __init__(self, kinds, window, batch_size, n_kv_head, head_dim, max_len, device=None, dtype=torch.float32):
         if set(kinds) - set(KINDS):
             raise ValueError(f"layer kinds must be among {KINDS}; got {sorted(set(kinds) - set(KINDS))}")
-        self.kinds, self.max_len, self.pos = list(kinds), max_len, 0
-        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.kinds, self.max_len, self.filled = list(kinds), max_len, 0
         self.k, self.v = [], []
         for kind in self.kinds:
             n = {LOCAL: min(window, max_len), GLOBAL: max_len, SHARED: 0}[kind]
@@ -257,36 +246,32 @@ class KVCache:
             self.v.append(torch.zeros(shape, device=device, dtype=dtype) if n else None)
 
     def advance(self, T):
-        """The T positions just written are now filled (GPT.forward and compiled_step call it after each step)."""
-        self.pos += T
-        self.position += T
+        """The T positions just stored by every layer are now filled (GPT.forward calls it after each step)."""
+        self.filled += T
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
     def check_room(self, T):
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache is full: it holds {self.max_len} positions, {self.pos} are used and "
+        if self.filled + T > self.max_len:
+            raise ValueError(f"KV cache is full: it holds {self.max_len} positions, {self.filled} are used and "
                              f"{T} more were given; make the cache with a larger max_len")
 
     def update(self, layer, k, v):
-        """Store the new k, v (B, H, T, D) at the positions from `position` on and return the keys and values the
-        new queries attend to. One position (T == 1, decoding): the layer's whole buffers, some slots not written
-        yet (Attention masks them) and a ring's in slot order (one query's attention does not depend on key
-        order); static shapes. A chunk: every key and value up to the chunk's last, in position order."""
-        T, K, V = k.shape[2], self.k[layer], self.v[layer]
-        if T == 1:
-            slot = (self.position % K.shape[2]).view(1)
-            K.index_copy_(2, slot, k)
-            V.index_copy_(2, slot, v)
-            return K, V
-        pos = self.pos
+        """Store the new k, v (B, H, T, D) at positions filled .. filled+T-1 of this layer and return every key and
+        value the new queries may attend to: only the slots written so far, in position order (a ring returns its
+        slots unordered when T == 1: a single query's attention does not depend on key order)."""
+        T, K, V, pos = k.shape[2], self.k[layer], self.v[layer], self.filled
         if self.kinds[layer] == GLOBAL:  # append
             K[:, :, pos:pos + T] = k
             V[:, :, pos:pos + T] = v
             return K[:, :, :pos + T], V[:, :, :pos + T]
         n = K.shape[2]  # ring size; position p lives in slot p % n
-        # Lay out the kept past in order, append the chunk, keep the last n positions in the ring.
+        if T == 1:
+            K[:, :, pos % n] = k[:, :, 0]
+            V[:, :, pos % n] = v[:, :, 0]
+            return K[:, :, :min(pos + 1, n)], V[:, :, :min(pos + 1, n)]
+        # A chunk: lay out the kept past in order, append the chunk, keep the last n positions in the ring.
         past = torch.arange(max(0, pos - n), pos, device=K.device) % n
         k_all = torch.cat([K[:, :, past], k], dim=2)
         v_all = torch.cat([V[:, :, past], v], dim=2)

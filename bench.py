@@ -2,7 +2,7 @@
 Benchmarks: every figure is a ratio of two things measured side by side in the same run (these machines are
 noisy), printed as a table.
 
-    python bench.py                         # CPU, under 3 minutes
+    python bench.py                         # on the CPU
     python bench.py --device=cuda --json=bench.json
 
 1. training tokens/s (and MFU on known GPUs) of a preset
@@ -16,7 +16,6 @@ noisy), printed as a table.
 9. the same step's top ops by self time (torch.profiler)
 10. memory per rank (parameters, gradients, Adam state) under DDP, FSDP and FSDP + EP, for the presets
 11. decoding tokens/s with the cache at nanoGPT's shape after 1K and 8K of context, hybrid vs all-global
-12. decoding tokens/s at nanoGPT's shape: the eager step vs the compiled one (generate(compile=True))
 """
 
 import json
@@ -294,25 +293,6 @@ def bench_decode_layouts(cfg, contexts=(1024, 8192), new_tokens=64):
     return rows
 
 
-@torch.inference_mode()
-def bench_compiled_decode(cfg, new_tokens=500):
-    """generate() at nanoGPT's shape (nano_char, 65 characters), new_tokens from one, batch 1: the eager step and
-    the compiled one (generate(compile=True)) in turns, after the compiled one's first call, timed on its own:
-    the compilation and one generation (inductor keeps compiled code on disk, so a later process pays less).
-    Random weights: the compiled step runs every expert (MoE.forward's dense path), so its speed does not depend on
-    them; the eager step dispatches, and an untrained router gives a token more experts than a trained one."""
-    torch.manual_seed(0)
-    model = GPT(preset("nano_char", vocab_size=65), verbose=False).to(cfg.device).eval()
-    prompt = torch.zeros(1, 1, dtype=torch.long, device=cfg.device)
-    t0 = time.perf_counter()
-    model.generate(prompt, new_tokens, compile=True)
-    first = time.perf_counter() - t0
-    t = timed({"eager": lambda: model.generate(prompt, new_tokens),
-               "compiled": lambda: model.generate(prompt, new_tokens, compile=True)}, cfg.repeats, cfg.device)
-    return {"new_tokens": new_tokens, "first_compiled_call_s": first, "eager_tokens_per_s": new_tokens / t["eager"],
-            "compiled_tokens_per_s": new_tokens / t["compiled"], "compiled_vs_eager": t["eager"] / t["compiled"]}
-
-
 def local_attention_bytes(config, context, batch_size=1):
     """The memory each local-attention kernel builds for one full-length sequence. CPU's blocked SDPA kernel
     (attention._local_attention), worked out from its shapes: the banded mask over every query block (bool,
@@ -411,9 +391,7 @@ def main(argv):
                 ("10. memory per rank, fp32 parameters, gradients and AdamW state (parallel.memory_per_rank)",
                  "memory_per_rank", memory_rows),
                 ("11. decoding with the cache at nanoGPT's shape after 1K and 8K of context: hybrid vs all-global",
-                 "decode_layouts", lambda: bench_decode_layouts(cfg)),
-                ("12. decoding at nanoGPT's shape, 500 tokens from one: the eager step vs the compiled one",
-                 "compiled_decode", lambda: bench_compiled_decode(cfg))]
+                 "decode_layouts", lambda: bench_decode_layouts(cfg))]
     for title, key, fn in sections:
         t0 = time.time()
         results[key] = fn()

@@ -9,8 +9,8 @@ steps, eager fp32: the command in its README), then this project trains config/s
 shape and schedule, made hybrid and top-p MoE), one after the other, never at once: two heavy jobs on one machine
 slow each other. Both read the same text (data/shakespeare/input.txt, split 90/10 as nanoGPT's prepare.py does).
 Then both trained models decode 500 tokens from one, batch 1, taking turns in this process: nanoGPT's `generate`
-(which crops the context to the block and re-runs it at every token) against ours with the KV cache, eager and
-compiled (generate(compile=True)). It prints one table of both sides and their ratios.
+(which crops the context to the block and re-runs it at every token) against ours with the KV cache. It prints
+one table of both sides and their ratios.
 
 The nanoGPT checkout is copied to a scratch folder and never written to; nothing of it is part of this project.
 """
@@ -125,18 +125,15 @@ def nanogpt_model(work):
 
 @torch.no_grad()
 def decoding(decoders, tokens, rounds):
-    """{name: (median tokens/s, first call's seconds)}: the decoders take turns, one warm-up round first."""
-    first, times = {}, {name: [] for name in decoders}
+    """{name: median tokens/s}: the decoders take turns, after one warm-up round."""
+    times = {name: [] for name in decoders}
     for r in range(rounds + 1):
         for name, decode in decoders.items():
             start = time.perf_counter()
             decode(tokens)
-            elapsed = time.perf_counter() - start
-            if r == 0:
-                first[name] = elapsed
-            else:
-                times[name].append(elapsed)
-    return {name: (tokens / statistics.median(times[name]), first[name]) for name in decoders}
+            if r > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: tokens / statistics.median(t) for name, t in times.items()}
 
 
 def main(argv):
@@ -162,8 +159,7 @@ def main(argv):
     theirs = nanogpt_model(work)
     one = torch.zeros(1, 1, dtype=torch.long)
     speeds = decoding({"nanoGPT generate": lambda n: theirs.generate(one, n, top_k=1),
-                       "ours, eager": lambda n: ours.generate(one, n, top_k=1),
-                       "ours, compiled": lambda n: ours.generate(one, n, top_k=1, compile=True)},
+                       "ours": lambda n: ours.generate(one, n, top_k=1)},
                       cfg.decode_tokens, cfg.rounds)
 
     rows = [("median step (ms)", f"{step_nano:.1f}", f"{step_ours:.1f}", f"{step_ours / step_nano:.2f}x"),
@@ -171,11 +167,8 @@ def main(argv):
             ("final val loss (nats/char)", f"{val_nano:.4f}", f"{val_ours:.4f}", ""),
             (f"time to val {val_nano:.3f} (s)", f"{t_nano:.0f}", "not reached" if reached is None else
              f"{reached:.0f}", "" if reached is None else f"{reached / t_nano:.2f}x")]
-    tok_nano = speeds["nanoGPT generate"][0]
-    for name in ("ours, eager", "ours, compiled"):
-        rows.append((f"decode tokens/s, {name}", f"{tok_nano:,.0f}", f"{speeds[name][0]:,.0f}",
-                     f"{speeds[name][0] / tok_nano:.2f}x"))
-    rows.append(("first compiled decode (s, compiles)", "", f"{speeds['ours, compiled'][1]:.1f}", ""))
+    tok_nano, tok_ours = speeds["nanoGPT generate"], speeds["ours"]
+    rows.append(("decode tokens/s", f"{tok_nano:,.0f}", f"{tok_ours:,.0f}", f"{tok_ours / tok_nano:.2f}x"))
     print("\n| what | nanoGPT | ours | ours / nanoGPT |\n|---|---|---|---|")
     print("\n".join(f"| {' | '.join(row)} |" for row in rows))
 

@@ -27,7 +27,7 @@ def bits_per_byte(token_loss, targets, token_bytes):
 
 
 def val_batches(model, tokenizer, corpus, seq_len, batch_size, iters, autocast=nullcontext()):
-    """(targets, Parts) of the model on `iters` val batches of one corpus: the same batches at every call."""
+    """(targets, LossParts) of the model on `iters` val batches of one corpus: the same batches at every call."""
     loader = MixtureLoader({corpus: 1.0}, tokenizer.name, seq_len, batch_size, split="val", seed=0)
     device = model.wte.weight.device
     for _ in range(iters):

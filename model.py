@@ -111,7 +111,7 @@ def kv_cache_bytes(config, context, dtype=torch.bfloat16):
     return kv_cache(config, 1, context, device="meta", dtype=dtype).nbytes()
 
 
-class Parts(NamedTuple):
+class LossParts(NamedTuple):
     """What GPT.forward(..., parts=True) returns beside logits and loss: the loss's pieces and the routing."""
     ce: Optional[torch.Tensor]          # mean cross-entropy over the targets (None without targets)
     aux: torch.Tensor                   # the weighted auxiliary router losses (0 in eval mode)
@@ -137,10 +137,7 @@ class Block(nn.Module):
         a, kv = self.attn(self.attn_norm(x), cos, sin, kv, cache, layer)
         x = x + a
         if isinstance(self.ffn, MoE):
-            # A compiled decoding step (one new position per sequence) runs every expert on its few rows, gated, so
-            # that no shape depends on the routing (MoE.forward); eager decoding dispatches, as training does.
-            dense = cache is not None and x.shape[1] == 1 and torch.compiler.is_compiling()
-            f, aux, routing = self.ffn(self.ffn_norm(x), dense=dense)
+            f, aux, routing = self.ffn(self.ffn_norm(x))
         else:
             f, aux, routing = self.ffn(self.ffn_norm(x)), x.new_zeros(()), None
         return x + self.dropout(f), kv, aux, routing
@@ -213,30 +210,22 @@ class GPT(nn.Module):
 
     # -------------------------------------------------------------------------------------------------
     def forward(self, idx, targets=None, cache=None, parts=False):
-        """idx (B, T) token ids. Returns (logits, loss), or (logits, loss, Parts) with parts=True.
+        """idx (B, T) token ids. Returns (logits, loss), or (logits, loss, LossParts) with parts=True.
 
         With targets (B, T; -1 = ignore): logits for every position and loss = mean cross-entropy + the
         weighted auxiliary router losses. Without targets: logits of the last position only, loss None.
-        With a KVCache: continue from its position, and advance it. Parts holds the plain cross-entropy, the
-        auxiliary loss, the per-token losses and each MoE layer's routing, as tensors (nothing is read back from a
-        GPU here).
+        With a KVCache: continue from where it is filled to, and advance it. LossParts holds the plain
+        cross-entropy, the auxiliary loss, the per-token losses and each MoE layer's routing, as tensors (nothing
+        is read back from a GPU here).
         """
-        if cache is None and idx.shape[1] > self.config.block_size:
-            raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size {self.config.block_size}")
-        if cache is not None:
-            cache.check_room(idx.shape[1])
-        out = self.run(idx, targets, cache, parts)
-        if cache is not None:
-            cache.advance(idx.shape[1])
-        return out
-
-    def run(self, idx, targets=None, cache=None, parts=False):
-        """forward without its checks and without advancing the cache. Nothing here reads the cache's position as
-        a Python number, so for one new token per sequence every shape is fixed: torch.compile captures that
-        decoding step once and reuses it at every position (generate(compile=True))."""
         B, T = idx.shape
-        positions = torch.arange(T, device=idx.device)
-        cos, sin = rope_cache(positions if cache is None else positions + cache.position,
+        if cache is None and T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        start = 0
+        if cache is not None:
+            cache.check_room(T)
+            start = cache.filled
+        cos, sin = rope_cache(torch.arange(start, start + T, device=idx.device),
                               self.config.n_embd // self.config.n_head, self.rope_base)
         x = self.drop(self.wte(idx))
         kv, aux, routing = None, x.new_zeros(()), []
@@ -247,6 +236,8 @@ class GPT(nn.Module):
             aux = aux + layer_aux
             if layer_routing is not None:
                 routing.append(layer_routing)
+        if cache is not None:
+            cache.advance(T)
         x = self.norm(x)
         if targets is None:
             logits, loss, ce, token_loss = self.lm_head(x[:, -1:, :]), None, None, None
@@ -257,7 +248,7 @@ class GPT(nn.Module):
             ce = token_loss.sum() / (targets != -1).sum().clamp(min=1)
             loss = ce + aux
         if parts:
-            return logits, loss, Parts(ce, aux, token_loss, tuple(routing))
+            return logits, loss, LossParts(ce, aux, token_loss, tuple(routing))
         return logits, loss
 
     # -------------------------------------------------------------------------------------------------
@@ -273,7 +264,7 @@ class GPT(nn.Module):
         if experts_per_token is None:
             if any(m.config.routing == "top_p" for m in moes):
                 raise ValueError("top-p routing uses a varying number of experts per token: pass the measured "
-                                 "experts_per_token (Parts.routing of a forward)")
+                                 "experts_per_token (LossParts.routing of a forward)")
             experts_per_token = [m.config.top_k for m in moes]
         if isinstance(experts_per_token, (int, float)):
             experts_per_token = [experts_per_token] * len(moes)
@@ -324,7 +315,7 @@ class GPT(nn.Module):
 
     @torch.inference_mode()  # like no_grad, with less per-op bookkeeping: decoding runs many small ops
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, cache=None, on_token=None,
-                 vocab_size=None, compile=False):
+                 vocab_size=None):
         """Continue idx (B, T) by max_new_tokens tokens: one prefill of the prompt, then one token at a
         time through the KV cache. temperature 0 (or top_k=1) is greedy. top_p: nucleus sampling with the
         same rule as the router (smallest set of tokens whose probabilities reach p). vocab_size: the
@@ -333,12 +324,10 @@ class GPT(nn.Module):
         Past block_size: local layers simply slide (their ring buffer never holds more than `window`); global
         layers keep attending to every position, with RoPE angles beyond those seen in training, so quality
         degrades gradually there. The cache is sized for prompt + max_new_tokens; on_token(tokens) is called
-        with each new (B, 1) tensor as it is produced (sample.py streams with it). compile: the one-token steps
-        go through compiled_step (a compilation first, once per batch and cache size: for long generations)."""
+        with each new (B, 1) tensor as it is produced (sample.py streams with it)."""
         if cache is None:
             cache = self.make_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
         cache.check_room(idx.shape[1] + max_new_tokens - 1)  # (the last new token is never fed back)
-        step = compiled_step(self) if compile else self
         logits, _ = self(idx, cache=cache)
         for i in range(max_new_tokens):
             logits = logits[:, -1, :vocab_size].float()  # (padding ids are the tokenizer's unknowns)
@@ -355,7 +344,7 @@ class GPT(nn.Module):
             if on_token is not None:
                 on_token(next_token)
             if i < max_new_tokens - 1:  # the last token needs no logits after it
-                logits, _ = step(next_token, cache=cache)
+                logits, _ = self(next_token, cache=cache)
         return idx
 
 
@@ -368,24 +357,6 @@ def compiled(model, backend="inductor"):
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     torch._dynamo.config.capture_scalar_outputs = True
     return torch.compile(model, backend=backend)
-
-
-def compiled_step(model):
-    """A decoding step, model(idx, cache=cache) without the room check, with model.run compiled: one graph
-    (fullgraph), its shapes fixed by the batch and cache size (dynamic=False), so it compiles once and serves every
-    position (it reads the position from the cache as a tensor, and the experts run densely). On CPU, inductor's C++
-    wrapper calls the step's kernels from C++ instead of Python: at a token's few dozen small kernels, that is
-    most of what is left to save. Running every expert reads every expert's weights at each token: right for
-    models with a few small experts (the CPU shapes), wasteful for many large ones (gpt2_124m's 64 per layer),
-    which decode faster eagerly."""
-    cpu = model.wte.weight.device.type == "cpu"
-    run = torch.compile(model.run, fullgraph=True, dynamic=False, options={"cpp_wrapper": True} if cpu else None)
-
-    def step(idx, cache):
-        out = run(idx, cache=cache)
-        cache.advance(idx.shape[1])
-        return out
-    return step
 
 
 # -----------------------------------------------------------------------------------------------------

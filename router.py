@@ -276,39 +276,23 @@ class MoE(nn.Module):
             mask = top_k_mask(probs.detach(), c.top_k)
         return logits, probs, mask
 
-    def forward(self, x, dense=False):
-        """dense: run every expert on every row, each output times its gate (zero where the router did not choose
-        it). No shape then depends on the routing, so a compiled decoding step is captured once (model.compiled_step);
-        for a step's few rows and a few small experts it costs little more than dispatching them. Not under expert
-        parallelism (each rank holds some experts)."""
+    def forward(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, probs, mask = self.route(x)
         counts = mask.sum(0)
-        if dense and self.ep is None:
-            y = self.dense_experts(x, probs * mask)
-        else:
-            # Dropless dispatch: list the (expert, token) pairs sorted by expert, gather the tokens into one
-            # buffer, run every expert on its contiguous slice, scale by the router probability, scatter back.
-            expert, token = mask.t().nonzero(as_tuple=True)
-            xs = x.index_select(0, token)  # (its backward is index_add, cheaper than x[token]'s index_put)
-            gate = probs[token, expert].unsqueeze(1)
-            ys = self.experts(xs, counts, gate) if self.ep is None else self.ep(self, xs, counts, gate)
-            y = torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+        # Dropless dispatch: list the (expert, token) pairs sorted by expert, gather the tokens into one buffer,
+        # run every expert on its contiguous slice, scale by the router probability, scatter back.
+        expert, token = mask.t().nonzero(as_tuple=True)
+        xs = x.index_select(0, token)  # (its backward is index_add, cheaper than x[token]'s index_put)
+        gate = probs[token, expert].unsqueeze(1)
+        ys = self.experts(xs, counts, gate) if self.ep is None else self.ep(self, xs, counts, gate)
+        y = torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(x)
 
         aux = self.aux_loss(logits, probs, mask) if self.training else y.new_zeros(())
         return y.view(shape), aux, Routing(mask.sum(-1).view(shape[:-1]), counts)
-
-    def dense_experts(self, x, gate):
-        """x (N, n_embd), gate (N, n_experts) -> (N, n_embd): the sum over experts of gate times the expert's output,
-        as three batched matmuls over all experts."""
-        dtype = compute_dtype(x)
-        h = x.to(dtype).expand(self.n_experts, *x.shape)                       # (E, N, n_embd)
-        w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
-        ys = torch.bmm(F.silu(torch.bmm(h, w1)) * torch.bmm(h, w3), w2)         # (E, N, n_embd)
-        return (ys * gate.t().unsqueeze(-1).to(dtype)).sum(0).to(x.dtype)
 
     def gemm_path(self, xs):
         """"grouped" or "loop": the path `experts` takes for rows xs, already in the compute dtype."""

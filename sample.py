@@ -4,7 +4,6 @@ Sample from a trained run, streaming tokens as the KV cache produces them.
     python sample.py --out_dir=out/default --start="ROMEO:" --num_samples=2 --max_new_tokens=200
     python sample.py --out_dir=out/default --start=FILE:prompt.txt --temperature=0.8 --top_p=0.9
     python sample.py --out_dir=out/default --start="12+35=" --show_experts     # shade tokens by their experts
-    python sample.py --out_dir=out/default --max_new_tokens=5000 --compile=True  # long: compile the step first
 
 Loads out_dir/ckpt.pt (or best.pt with --checkpoint=best), rebuilds the model and the run's tokenizer, and
 prints tokens/s and the KV cache's size at the end. With --show_experts, each token of the prompt and the
@@ -40,7 +39,6 @@ class SampleConfig:
     seed: int = 1337                    # seeds the sampling
     device: str = "auto"                # "auto" (cuda if available), "cpu", "cuda", ...
     show_experts: bool = False          # shade each token by its routed experts (terminal + out_dir/experts.png)
-    compile: bool = False               # compile the one-token step first (once, slow): pays off for long samples
 
     def __post_init__(self):
         def need(ok, message):
@@ -193,10 +191,9 @@ def main(argv):
         with autocast:  # bf16 on CUDA: the matmuls, the KV cache and the MoE's grouped GEMM path
             cache = model.make_cache(1, len(prompt) + cfg.max_new_tokens)
             out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cache=cache,
-                                 on_token=stream, vocab_size=tokenizer.vocab_size, compile=cfg.compile)
+                                 on_token=stream, vocab_size=tokenizer.vocab_size)
         dt = time.time() - t0
-        print(f"\n--- {cfg.max_new_tokens} tokens in {dt:.2f}s ({cfg.max_new_tokens / dt:.1f} tokens/s"
-              f"{', with the compilation' if cfg.compile and n == 0 else ''}), "
+        print(f"\n--- {cfg.max_new_tokens} tokens in {dt:.2f}s ({cfg.max_new_tokens / dt:.1f} tokens/s), "
               f"KV cache {cache.nbytes() / 1024:.1f} KiB for {cache.max_len} positions ---")
         if cfg.show_experts:
             show_experts(model, tokenizer, out[0].tolist(), os.path.join(cfg.out_dir, "experts.png"))

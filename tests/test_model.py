@@ -17,17 +17,13 @@ def test_layout():
     assert len(model.moe_layers()) == 7  # all but the first (n_dense_layers=1)
 
 
-@pytest.mark.parametrize("compile", [False, True])
 @torch.no_grad()
-def test_greedy_decoding_with_cache_equals_recomputation(compile):
-    # Compiled: one graph for every step (its shapes do not depend on the position), and the same tokens.
-    torch._dynamo.reset()
+def test_greedy_decoding_with_cache_equals_recomputation():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**SMALL), verbose=False).eval()
     idx = torch.randint(0, 101, (2, 6))
     new = 3 * SMALL["window"] + 4
-    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
-        out = model.generate(idx, new, temperature=0, compile=compile)
+    out = model.generate(idx, new, temperature=0)
     seq = idx
     for _ in range(new):  # what nanoGPT does: the whole context again at every step
         logits, _ = model(seq)
