@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import cli
+from checkpoint import load_run
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
@@ -154,8 +155,7 @@ def main(argv):
                     "--samples=False", "--plots=False"], ROOT, f"{work}/ours.log")
     val_ours, step_ours, reached = our_numbers(ours_dir, val_nano)
 
-    import sample  # (our model and tokenizer, as sample.py loads them)
-    ours, _ = sample.load_run(ours_dir)
+    ours, _ = load_run(ours_dir)
     theirs = nanogpt_model(work)
     one = torch.zeros(1, 1, dtype=torch.long)
     speeds = decoding({"nanoGPT generate": lambda n: theirs.generate(one, n, top_k=1),

@@ -5,6 +5,7 @@ Checkpoints and the run folder: what makes a killed run resumable and keeps one 
                       (a lock file naming the PID), and --resume=False does not overwrite a run
     save_atomic       write to .tmp, then rename: a crash leaves the old file or the new one, never half
     load_checkpoint   the checkpoint, if it continues this run; else a message naming every setting that differs
+    load_run          the model and tokenizer of a run folder, for sampling and measuring (sample.py, experiment.py)
 
 When a rank holds only part of the model (parallel='fsdp', or ep > 1: parallel.py), every rank writes its part
 with torch.distributed.checkpoint (DCP) instead, into out_dir/sharded/step_N/ beside a run.pt holding the rest
@@ -14,22 +15,54 @@ of the run state; out_dir/sharded/latest names the newest complete one:
     load_sharded      the weights and optimizer state, each rank its own part; run state as load_checkpoint's
     python checkpoint.py OUT_DIR    turns the newest sharded checkpoint into OUT_DIR/ckpt.pt for sample.py
 
-train.py calls these; it owns what goes into a checkpoint.
+What a checkpoint holds is said once, in pack: train.py packs its checkpoints with it, consolidate packs the
+one-file form of a sharded run, and load_run (sample.py, experiment.py) reads any of them back into a model.
 """
 
 import atexit
 import dataclasses
 import errno
+import json
 import os
 import shutil
 import sys
 
 import torch
 
+from data.corpus import Tokenizer
+from model import GPT, GPTConfig
+
 
 # Settings that change neither the math nor the evaluation: a resumed run may change these freely.
 FREE_TO_CHANGE = {"out_dir", "eval_interval", "log_interval", "ckpt_interval", "resume", "plots", "samples",
                   "device", "compile"}
+
+
+def pack(model_cfg, train_cfg, meta, state, **parts):
+    """A checkpoint's contents: the settings (model and run), the tokenizer's meta (what rebuilds it), the run's
+    state (stage, step within it, global step, tokens, best val), and the parts the checkpoint holds beside them:
+    model (the weights), optimizer, loader, rng (every rank's), world_size, runtime (device, dtype, compile)."""
+    as_dict = lambda c: c if isinstance(c, dict) else dataclasses.asdict(c)  # noqa: E731 (consolidate has dicts)
+    return {"model_config": as_dict(model_cfg), "train_config": as_dict(train_cfg), "meta": meta,
+            "state": dict(state), **parts}
+
+
+def start_metrics(path, resumed_step):
+    """metrics.jsonl for a fresh run (resumed_step None: empty), or for a run resumed at global step resumed_step.
+    The checkpoint is the truth: keep what the stopped run logged up to it (those steps do not run again), drop a
+    line cut short by a kill during a write, and start the log afresh if it is gone."""
+    kept = []
+    if resumed_step is not None and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record["step"] <= resumed_step:
+                    kept.append(json.dumps(record) + "\n")
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 def save_atomic(obj, path):
@@ -154,6 +187,36 @@ def same_run(ckpt, path, model_cfg, train_cfg, world_size):
     return ckpt
 
 
+def load_run(out_dir, which="ckpt", device="cpu"):
+    """(model, tokenizer) from a run directory, or SystemExit with a message that says what is wrong. The
+    model routes as it last trained: its router settings travel in its state dict."""
+    path = os.path.join(out_dir, f"{which}.pt")
+    if not os.path.isfile(path) and latest_sharded(out_dir) is not None:
+        raise SystemExit(f"no {which}.pt in {out_dir}: that run's checkpoint is sharded over its ranks. "
+                         f"python checkpoint.py {out_dir} writes it to {path}")
+    if not os.path.isfile(path):
+        runs = sorted(d for d in os.listdir("out") if os.path.isdir(os.path.join("out", d))) \
+            if os.path.isdir("out") else []
+        raise SystemExit(f"no checkpoint at {path}. Run directories here: {', '.join(runs) or 'none'} "
+                         f"(train one with: python train.py config/default.py)")
+    ckpt = read(path)  # data only (weights_only): no code runs
+    try:
+        config = GPTConfig(**ckpt["model_config"])
+        meta = ckpt["meta"]
+    except Exception as e:
+        raise SystemExit(f"cannot read {path} as a checkpoint ({type(e).__name__}: {e})")
+    tokenizer = Tokenizer.from_meta(meta)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise SystemExit(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{config.vocab_size}: the checkpoint and its data do not match")
+    model = GPT(config, verbose=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise SystemExit(f"{path}: the weights do not match the config stored with them:\n{e}")
+    return model.to(device).eval(), tokenizer
+
+
 # -----------------------------------------------------------------------------------------------------
 # Sharded checkpoints (torch.distributed.checkpoint): each rank writes and reads only its own part
 
@@ -234,8 +297,8 @@ def consolidate(out_dir):
     model = torch.load(whole, map_location="cpu", weights_only=True)["model"]
     os.remove(whole)
     path = os.path.join(out_dir, "ckpt.pt")
-    save_atomic({"model": model, "model_config": run["model_config"], "train_config": run["train_config"],
-                 "meta": run["meta"], "state": run["state"], "consolidated_from": folder}, path)
+    save_atomic(pack(run["model_config"], run["train_config"], run["meta"], run["state"], model=model,
+                     consolidated_from=folder), path)
     return path
 
 

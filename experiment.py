@@ -39,7 +39,8 @@ import evaluation
 from attention import GLOBAL, LOCAL, SHARED
 from model import kv_cache_bytes, preset
 from plot import read_metrics, stage_starts
-from sample import load_run, show_experts
+from checkpoint import load_run
+from sample import show_experts
 
 import matplotlib.pyplot as plt  # noqa: E402  (after plot, which picks the Agg backend)
 

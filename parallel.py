@@ -13,19 +13,26 @@ tokens; the ranks of a column hold the same experts and average their gradients.
 
 train.py calls: check_layout (settings), build_sharded (the model built on the meta device, spread, then each
 rank's part made: no rank holds the whole model), reduce_expert_grads (after backward) and clip_grad_norm_ (for any
-mix of whole and split tensors). memory_per_rank is the arithmetic behind docs/parallel.md's memory table (bench.py).
+mix of whole and split tensors), and the rank plumbing at the end of this file: join and leave the ranks, wrap the
+model for DDP, reduce a step's numbers over the ranks. memory_per_rank is the arithmetic behind docs/parallel.md's
+memory table (bench.py).
 """
 
+import atexit
+import os
+import sys
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT, weight_inits
 from router import compute_dtype
@@ -163,12 +170,6 @@ def build_sharded(config, parallel, ep, device, bf16, verbose=True):
     return model
 
 
-def ddp_ignored(model):
-    """Names of the parameters DDP must leave alone: the split experts (reduce_expert_grads averages them)."""
-    ids = {id(w) for w in expert_params(model)}
-    return [name for name, p in model.named_parameters() if id(p) in ids]
-
-
 def clip_grad_norm_(params, max_norm):
     """torch.nn.utils.clip_grad_norm_ for a model whose gradients are whole tensors, FSDP shards and EP slices
     at once (torch's own needs them all alike). Each kind's norm is reduced over the ranks that split it; the
@@ -186,6 +187,92 @@ def clip_grad_norm_(params, max_norm):
     torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for grads in groups.values() for g in grads],
                         coef)
     return total
+
+
+# -----------------------------------------------------------------------------------------------------
+# The ranks of a run: joining them, wrapping the model for them, reducing over them, and leaving them
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among torchrun's ranks; a process on its own is rank 0 of 1."""
+    rank: int = 0
+    size: int = 1
+    distributed: bool = False
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def join(device):
+    """(Ranks, this rank's device). Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE) join the process
+    group, nccl for a run on CUDA and gloo on CPU, and take the GPU of LOCAL_RANK; alone, keep `device`."""
+    if "RANK" not in os.environ:
+        return Ranks(), device
+    cuda = device.startswith("cuda")
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), distributed=True)
+    return ranks, f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu"
+
+
+def wrap(model, parallel, ranks):
+    """The model as the training step calls it: under DDP on several ranks, wrapped in DistributedDataParallel,
+    which leaves the split experts to reduce_expert_grads; FSDP's sharding is already in the model (spread)."""
+    if not ranks.distributed or parallel != "ddp":
+        return model
+    ids = {id(w) for w in expert_params(model)}
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if id(p) in ids])
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return DDP(model, device_ids=[torch.cuda.current_device()] if on_cuda else None)
+
+
+def sync_gradients(model, raw_model, on):
+    """Whether the next backward averages gradients over the ranks (the last micro-step of a step does; the
+    others only accumulate)."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = on
+    elif isinstance(raw_model, FSDPModule):
+        raw_model.set_requires_gradient_sync(on)
+
+
+def mean_over_ranks(t, ranks):
+    """t averaged over the ranks, in place (t itself alone)."""
+    if ranks.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+    return t
+
+
+def any_rank(flag, ranks, device):
+    """Whether flag is true on any rank (all ranks must stop at the same step, whichever got the signal)."""
+    t = torch.tensor(float(flag), device=device)
+    if ranks.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather(obj, ranks):
+    """[each rank's obj], in rank order, on every rank."""
+    out = [obj] * ranks.size
+    if ranks.distributed:
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def leave(ranks):
+    """Every rank leaves together (a rank that tears down gloo while another still talks to it can abort)."""
+    if ranks.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def exit_rank(code):
+    """End a torchrun rank whose run is written without the interpreter's teardown, as multiprocessing's children
+    end: DDP keeps the process group until that teardown, and a gloo thread that frees a collective's tensors
+    during it aborts the rank after a complete run (docs/parallel.md, "How a rank ends", has the core dumps)."""
+    atexit._run_exitfuncs()  # what a normal exit runs first (the out_dir lock goes)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -21,9 +21,7 @@ from typing import Optional
 import torch
 
 import cli
-from checkpoint import latest_sharded, read
-from data.corpus import Tokenizer
-from model import GPT, GPTConfig
+from checkpoint import load_run
 
 
 @dataclass
@@ -51,36 +49,6 @@ class SampleConfig:
         need(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 (or left out); got {self.top_k}")
         need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1] (or left out); got {self.top_p}")
         need(cli.valid_device(self.device), f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-
-
-def load_run(out_dir, which="ckpt", device="cpu"):
-    """(model, tokenizer) from a run directory, or SystemExit with a message that says what is wrong. The
-    model routes as it last trained: its router settings travel in its state dict."""
-    path = os.path.join(out_dir, f"{which}.pt")
-    if not os.path.isfile(path) and latest_sharded(out_dir) is not None:
-        raise SystemExit(f"no {which}.pt in {out_dir}: that run's checkpoint is sharded over its ranks. "
-                         f"python checkpoint.py {out_dir} writes it to {path}")
-    if not os.path.isfile(path):
-        runs = sorted(d for d in os.listdir("out") if os.path.isdir(os.path.join("out", d))) \
-            if os.path.isdir("out") else []
-        raise SystemExit(f"no checkpoint at {path}. Run directories here: {', '.join(runs) or 'none'} "
-                         f"(train one with: python train.py config/default.py)")
-    ckpt = read(path)  # data only (weights_only): no code runs
-    try:
-        config = GPTConfig(**ckpt["model_config"])
-        meta = ckpt["meta"]
-    except Exception as e:
-        raise SystemExit(f"cannot read {path} as a checkpoint ({type(e).__name__}: {e})")
-    tokenizer = Tokenizer.from_meta(meta)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise SystemExit(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{config.vocab_size}: the checkpoint and its data do not match")
-    model = GPT(config, verbose=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise SystemExit(f"{path}: the weights do not match the config stored with them:\n{e}")
-    return model.to(device).eval(), tokenizer
 
 
 # -----------------------------------------------------------------------------------------------------

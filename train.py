@@ -21,7 +21,6 @@ Read top to bottom: the settings, the schedule, a step's numbers, then the Train
 reads like the story of a run: for each stage, begin it, then train steps, logging, evaluating and saving.
 """
 
-import atexit
 import dataclasses
 import json
 import math
@@ -36,15 +35,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import cli
 import evaluation
 import parallel
-from checkpoint import (claim_out_dir, last_checkpoint, latest_sharded, load_checkpoint, load_sharded, runtime_changes,
-                        save_atomic, save_sharded)
+from checkpoint import (claim_out_dir, last_checkpoint, latest_sharded, load_checkpoint, load_sharded, pack,
+                        runtime_changes, save_atomic, save_sharded, start_metrics)
 from data.corpus import TOKENIZERS, MixtureLoader, check_token_ids, mixture_tokenizer
 from model import GPT, GPTConfig, PRESETS, compiled, make_config
 from router import RouterConfig
@@ -270,6 +267,7 @@ class Trainer:
         self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
         self.meta = tokenizer.meta()  # what sample.py needs to rebuild the tokenizer
         self.setup_device()
+        self.master, self.world_size = self.ranks.master, self.ranks.size
         if self.master:
             claim_out_dir(cfg)
         self.stage_steps = [s.num_steps(self.world_size) for s in cfg.stages]
@@ -282,40 +280,29 @@ class Trainer:
         self.sharded = parallel.sharded(cfg.parallel, cfg.ep)
         self.raw_model = (parallel.build_sharded(model_cfg, cfg.parallel, cfg.ep, self.device, self.bf16, self.master)
                           if self.sharded else GPT(model_cfg, verbose=self.master).to(self.device))
-        if self.rank > 0:
-            torch.manual_seed(cfg.seed + self.rank)
+        if self.ranks.rank > 0:
+            torch.manual_seed(cfg.seed + self.ranks.rank)
         self.moes = self.raw_model.moe_layers()
         self.optimizer = self.raw_model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
                                                             self.device_type)
         self.ckpt_path, self.best_path, self.metrics_path = (os.path.join(cfg.out_dir, name) for name in
                                                              ("ckpt.pt", "best.pt", "metrics.jsonl"))
         self.state, self.loader_state = self.restore()
-        self.prepare_out_dir(resumed=self.loader_state is not None)
-        self.model = compiled(self.raw_model) if self.runtime["compile"] else self.raw_model
-        if self.distributed and cfg.parallel == "ddp":
-            DDP._set_params_and_buffers_to_ignore_for_model(self.model, parallel.ddp_ignored(self.model))
-            self.model = DDP(self.model,
-                             device_ids=[torch.cuda.current_device()] if self.device_type == "cuda" else None)
+        if self.master:
+            start_metrics(self.metrics_path, self.state["global_step"] if self.loader_state is not None else None)
+        self.model = parallel.wrap(compiled(self.raw_model) if self.runtime["compile"] else self.raw_model,
+                                   cfg.parallel, self.ranks)
         self.stop_signal = None
         signal.signal(signal.SIGINT, self.on_signal)
         signal.signal(signal.SIGTERM, self.on_signal)
 
     def setup_device(self):
-        """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is a single process."""
+        """The ranks (parallel.join: one process, or torchrun's), this rank's device, and the precision."""
         cfg = self.cfg
-        self.distributed = "RANK" in os.environ
-        if self.distributed:
-            use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-            self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu"
-        else:
-            self.rank, self.world_size = 0, 1
-            try:
-                self.device = cli.resolve_device(cfg.device)
-            except cli.ConfigError as e:
-                raise SystemExit(str(e))
-        self.master = self.rank == 0
+        try:
+            self.ranks, self.device = parallel.join(cli.resolve_device(cfg.device))
+        except cli.ConfigError as e:
+            raise SystemExit(str(e))
         self.device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         self.peak = (evaluation.peak_flops(torch.cuda.get_device_name(self.device))
                      if self.device_type == "cuda" else None)
@@ -347,7 +334,7 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         else:
             return fresh, None
-        rng = ckpt["rng"][self.rank]
+        rng = ckpt["rng"][self.ranks.rank]
         torch.set_rng_state(rng["cpu"])
         if self.device_type == "cuda" and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"])
@@ -357,28 +344,6 @@ class Trainer:
             if changes:
                 print(changes)
         return dict(ckpt["state"]), ckpt["loader"]
-
-    def prepare_out_dir(self, resumed):
-        if not self.master:
-            return
-        os.makedirs(self.cfg.out_dir, exist_ok=True)
-        if not resumed:
-            open(self.metrics_path, "w").close()
-            return
-        # The checkpoint is the truth: keep what the stopped run logged up to it (those steps do not run again),
-        # drop a line cut short by a kill during a write, and start the log afresh if it is gone.
-        kept = []
-        if os.path.exists(self.metrics_path):
-            with open(self.metrics_path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if record["step"] <= self.state["global_step"]:
-                        kept.append(json.dumps(record) + "\n")
-        with open(self.metrics_path, "w") as f:
-            f.writelines(kept)
 
     def on_signal(self, signum, frame):
         self.stop_signal = signum
@@ -409,7 +374,7 @@ class Trainer:
                     self.evaluate(s, stage)
                 if stage_done:  # record in the checkpoint that the next stage starts fresh
                     state.update(stage=s + 1, step=0)
-                stopping = self.stop_requested()
+                stopping = parallel.any_rank(self.stop_signal is not None, self.ranks, self.device)
                 if stage_done or state["step"] % cfg.ckpt_interval == 0 or stopping:
                     self.save_checkpoint(loader)
                 if stopping:
@@ -426,7 +391,7 @@ class Trainer:
         resuming mid-stage, the checkpoint's stand (the sparsity controller may have moved top_p since)."""
         stage = self.cfg.stages[s]
         loader = MixtureLoader(stage.mixture, self.cfg.tokenizer, stage.seq_len, stage.batch_size, seed=self.cfg.seed,
-                               rank=self.rank, world_size=self.world_size, stream=s)
+                               rank=self.ranks.rank, world_size=self.world_size, stream=s)
         if self.state["step"] > 0:  # (a checkpoint at a stage boundary holds the previous stage's stream)
             loader.load_state_dict(self.loader_state)
             return loader
@@ -445,17 +410,14 @@ class Trainer:
         for micro in range(stage.grad_accum):
             x, y, _ = loader.next_batch()
             x, y = x.to(self.device), y.to(self.device)
-            self.sync_gradients(micro == stage.grad_accum - 1)
+            parallel.sync_gradients(self.model, self.raw_model, on=micro == stage.grad_accum - 1)
             with self.autocast:
                 _, loss, parts = self.model(x, y, parts=True)
             (loss / stage.grad_accum).backward()
             stats = step_stats(loss, parts)
             total = stats if total is None else {k: total[k] + v for k, v in stats.items()}
         stats = {k: v / stage.grad_accum for k, v in total.items()}
-        if self.distributed:
-            flat = flatten(stats)
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-            stats = unflatten(flat, stats)
+        stats = unflatten(parallel.mean_over_ranks(flatten(stats), self.ranks), stats)
         if self.cfg.ep > 1:
             parallel.reduce_expert_grads(self.raw_model, self.world_size)
         stats["grad_norm"] = parallel.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip or float("inf"))
@@ -472,13 +434,6 @@ class Trainer:
             for moe, k in zip(self.moes, stats["experts_per_token"].tolist()):
                 moe.adjust_p(k)
         return stats
-
-    def sync_gradients(self, on):
-        """Whether this micro-step's backward averages gradients over the ranks (the last of a step does)."""
-        if self.distributed and self.cfg.parallel == "ddp":
-            self.model.require_backward_grad_sync = on
-        elif self.distributed:
-            self.raw_model.set_requires_gradient_sync(on)  # (FSDP2)
 
     def log_train(self, s, stage, lr, stats):
         now, state = time.time(), self.state
@@ -535,8 +490,8 @@ class Trainer:
         if state["best_val"] is None or mean_bpb < state["best_val"]:
             state["best_val"] = mean_bpb
             if not self.sharded:
-                save_atomic({"model": self.raw_model.state_dict(), "meta": self.meta, "state": dict(state),
-                             "model_config": dataclasses.asdict(self.model_cfg)}, self.best_path)
+                save_atomic(pack(self.model_cfg, self.cfg, self.meta, state, model=self.raw_model.state_dict()),
+                            self.best_path)
 
     def show_what_was_learned(self):
         with open(self.metrics_path) as f:
@@ -546,34 +501,22 @@ class Trainer:
         lines = evaluation.show_samples(self.raw_model, self.tokenizer, self.corpora, examples, self.autocast)
         print("\n".join(lines + [""] + evaluation.stage_end_accuracy(records, self.cfg.stages)))
 
-    def stop_requested(self):
-        """Whether any rank got SIGINT/SIGTERM: all ranks must stop at the same step."""
-        stopping = torch.tensor(float(self.stop_signal is not None), device=self.device)
-        if self.distributed:
-            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-        return bool(stopping.item())
-
     def save_checkpoint(self, loader):
         # The loader's stream is the same on every rank; the torch RNG is not, so gather it from each rank.
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if self.device_type == "cuda" else None}
-        rngs = [rng] * self.world_size
-        if self.distributed:
-            dist.all_gather_object(rngs, rng)
-        run = {"model_config": dataclasses.asdict(self.model_cfg), "train_config": dataclasses.asdict(self.cfg),
-               "meta": self.meta, "state": dict(self.state), "loader": loader.state_dict(), "rng": rngs,
-               "world_size": self.world_size, "runtime": self.runtime}
+        rngs = parallel.gather(rng, self.ranks)
+        run = pack(self.model_cfg, self.cfg, self.meta, self.state, loader=loader.state_dict(), rng=rngs,
+                   world_size=self.world_size, runtime=self.runtime)
         if self.sharded:
             save_sharded(self.raw_model, self.optimizer, run, self.cfg.out_dir)
         elif self.master:
-            save_atomic({"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), **run},
+            save_atomic({**run, "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()},
                         self.ckpt_path)
 
     def finish(self, message, complete=False):
         self.bar.close()
-        if self.distributed:  # every rank leaves together, before rank 0's plots and samples (a rank that tears
-            dist.barrier()  # down gloo while another still talks to it can abort)
-            dist.destroy_process_group()
+        parallel.leave(self.ranks)  # (before rank 0's plots and samples)
         if self.master:
             print(message)
             if complete and self.cfg.plots:
@@ -594,16 +537,6 @@ def main(argv):
     return Trainer(cfg, model_cfg, tokenizer).run()
 
 
-def leave_rank(code):
-    """End a torchrun rank whose run is written without the interpreter's teardown, as multiprocessing's children
-    end: DDP keeps the process group until that teardown, and a gloo thread that frees a collective's tensors
-    during it aborts the rank after a complete run (docs/parallel.md, "How a rank ends", has the core dumps)."""
-    atexit._run_exitfuncs()  # what a normal exit runs first (the out_dir lock goes)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
     try:
         code = main(sys.argv[1:])
@@ -612,5 +545,5 @@ if __name__ == "__main__":
               file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     if "RANK" in os.environ:
-        leave_rank(code)
+        parallel.exit_rank(code)
     sys.exit(code)

@@ -167,8 +167,8 @@ def test_help_lists_every_setting_with_its_meaning(script, setting):
 
 def test_resume_at_a_stage_boundary_and_the_routing_travels(corpora, tmp_path, monkeypatch):
     # The last stage switches to top-3 routing. A run stopped right after the checkpoint that closes stage
-    # one resumes into stage two exactly, and sample.load_run rebuilds the model routing as it last trained.
-    import sample
+    # one resumes into stage two exactly, and checkpoint.load_run rebuilds the model routing as it last trained.
+    import checkpoint
     import train
     stages = [STAGES[0], {**STAGES[1], "router": {"routing": "top_k", "top_k": 3}}]
     torch.set_num_threads(1)  # in-process runs, compared bit for bit
@@ -196,7 +196,7 @@ def test_resume_at_a_stage_boundary_and_the_routing_travels(corpora, tmp_path, m
     assert [r["loss"] for r in train_records(tmp_path / "b")] == [r["loss"] for r in train_records(tmp_path / "a")]
     assert {r["routing"][0] for r in train_records(tmp_path / "b")[8:]} == {"top_k"}
 
-    model, _ = sample.load_run(str(tmp_path / "b"))
+    model, _ = checkpoint.load_run(str(tmp_path / "b"))
     assert all(m.config.routing == "top_k" and m.config.top_k == 3 for m in model.moe_layers())
     _, _, parts = model(torch.zeros(1, 5, dtype=torch.long), parts=True)
     assert all((r.experts_per_token == 3).all() for r in parts.routing)
