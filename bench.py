@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 import cli
+from cli import need
 from attention import GLOBAL, LOCAL, SCORES_PER_CALL, causal_attention, rope_cache, sliding_window_block_mask
 from evaluation import flops_per_token, mfu, peak_flops
 from model import GPT, PRESETS, compiled, init_weights, kv_cache_bytes, preset
@@ -48,9 +49,6 @@ class BenchConfig:
     json: str = ""                      # also write the figures to this file
 
     def __post_init__(self):
-        def need(ok, message):
-            if not ok:
-                raise ValueError(message)
         need(self.preset in PRESETS, f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         for name in ("batch_size", "seq_len", "window", "repeats"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
@@ -362,11 +360,8 @@ def table(title, rows):
 
 
 def main(argv):
-    try:
-        cfg = cli.build(BenchConfig, cli.parse(argv, BenchConfig, allow_file=False))
-        cfg = replace(cfg, device=cli.resolve_device(cfg.device))
-    except cli.ConfigError as e:
-        raise SystemExit(f"argument error: {e}")
+    cfg, = cli.load(argv, BenchConfig)
+    cfg = replace(cfg, device=cli.resolve_device(cfg.device))
     dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
     name = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"lightning bench: {name}, torch {torch.__version__}, {dtype}")

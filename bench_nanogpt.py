@@ -138,10 +138,7 @@ def decoding(decoders, tokens, rounds):
 
 
 def main(argv):
-    try:
-        cfg = cli.build(CompareConfig, cli.parse(argv, CompareConfig, allow_file=False))
-    except cli.ConfigError as e:
-        raise SystemExit(f"argument error: {e}")
+    cfg, = cli.load(argv, CompareConfig)
     blobs = {f: git_blob(os.path.join(cfg.nanogpt, f)) for f in ("train.py", "model.py")}
     work = cfg.work_dir or tempfile.mkdtemp(prefix="nanogpt-compare-")
     shutil.copytree(cfg.nanogpt, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git", "out*", "data"))

@@ -27,6 +27,13 @@ class ConfigError(ValueError):
     pass
 
 
+def need(ok, message):
+    """The one way a setting is checked: ConfigError(message) unless ok. The message says what was wrong and
+    what fits."""
+    if not ok:
+        raise ConfigError(message)
+
+
 # The oldest torch this code has passed its tests on (docs/results.md, "Which torch"). Older releases lack APIs it
 # uses, or have them in other forms: FlexAttention's BlockMask, torch.distributed.tensor, fully_shard,
 # torch.nn.utils.get_total_norm, SDPA's enable_gqa, torch._grouped_mm.
@@ -173,11 +180,11 @@ def valid_device(name):
 
 def resolve_device(name):
     """The device a script runs on: "auto" is cuda where torch sees a GPU, else cpu. Naming a CUDA device
-    torch cannot see is a ConfigError."""
+    torch cannot see stops the script with one line."""
     import torch
     device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r}, but torch sees no CUDA GPU here: use --device=cpu (or auto)")
+        raise SystemExit(f"device {name!r}, but torch sees no CUDA GPU here: use --device=cpu (or auto)")
     return device
 
 
@@ -188,3 +195,13 @@ def build(schema, settings):
         return schema(**{k: v for k, v in settings.items() if k in names})
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def load(argv, *schemas, allow_file=False):
+    """[an instance of each schema] from argv, every setting checked: what every script but train.py starts with
+    (train.py's load_config builds on parse and build). A bad setting stops the script with one line."""
+    try:
+        settings = parse(argv, *schemas, allow_file=allow_file)
+        return [build(schema, settings) for schema in schemas]
+    except ConfigError as e:
+        raise SystemExit(f"argument error: {e}") from None

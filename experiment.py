@@ -563,10 +563,7 @@ def main(argv):
             cli.parse(argv, ExperimentConfig, allow_file=False)
         raise SystemExit(f"usage: python experiment.py {{{'|'.join(names)}}} [--key=value ...]"
                          + (f"; unknown experiment {argv[0]!r}" if argv else ""))
-    try:
-        cfg = cli.build(ExperimentConfig, cli.parse(argv[1:], ExperimentConfig, allow_file=False))
-    except cli.ConfigError as e:
-        raise SystemExit(f"argument error: {e}")
+    cfg, = cli.load(argv[1:], ExperimentConfig)
     subprocess.run([sys.executable, os.path.join("data", "prepare.py")], check=True, stdout=subprocess.DEVNULL)
     for name in EXPERIMENTS if argv[0] == "all" else [argv[0]]:
         run_experiment(cfg, name)

@@ -48,35 +48,38 @@ class GPTConfig:
     norm_eps: float = 1e-5           # RMSNorm epsilon
 
     def __post_init__(self):
-        def need(ok, message):
-            if not ok:
-                raise ValueError(message)
         if isinstance(self.router, dict):  # as stored in a checkpoint
             self.router = RouterConfig(**self.router)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window", "n_experts"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
-        need(self.n_embd % self.n_head == 0,
-             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): pick e.g. n_head="
-             f"{math.gcd(self.n_embd, self.n_head)}")
-        need((self.n_embd // self.n_head) % 2 == 0, f"head size n_embd/n_head must be even for RoPE; "
-             f"got {self.n_embd // self.n_head}")
-        need(self.n_head % self.n_kv_head == 0,
-             f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
-        need(len(self.attn_pattern) > 0 and set(self.attn_pattern) <= {LOCAL, GLOBAL},
-             f"attn_pattern must be a non-empty string of L (local) and G (global); got {self.attn_pattern!r}")
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): pick e.g. n_head="
+                             f"{math.gcd(self.n_embd, self.n_head)}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head size n_embd/n_head must be even for RoPE; got {self.n_embd // self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if not self.attn_pattern or not set(self.attn_pattern) <= {LOCAL, GLOBAL}:
+            raise ValueError(f"attn_pattern must be a non-empty string of L (local) and G (global); "
+                             f"got {self.attn_pattern!r}")
         n_global = sum(kind != LOCAL for kind in self.layout())
-        need(not self.share_kv or n_global >= 2, f"share_kv needs at least two global layers to pair; "
-             f"attn_pattern {self.attn_pattern!r} over {self.n_layer} layers has {n_global}: set share_kv=False")
-        need(0 <= self.n_dense_layers <= self.n_layer, f"n_dense_layers must be in [0, n_layer]; "
-             f"got {self.n_dense_layers}")
-        need(0 <= self.dropout < 1, f"dropout must be in [0, 1); got {self.dropout}")
-        need(self.rope_base > 1, f"rope_base must be > 1; got {self.rope_base}")
+        if self.share_kv and n_global < 2:
+            raise ValueError(f"share_kv needs at least two global layers to pair; attn_pattern {self.attn_pattern!r} "
+                             f"over {self.n_layer} layers has {n_global}: set share_kv=False")
+        if not 0 <= self.n_dense_layers <= self.n_layer:
+            raise ValueError(f"n_dense_layers must be in [0, n_layer]; got {self.n_dense_layers}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+        if not self.rope_base > 1:
+            raise ValueError(f"rope_base must be > 1; got {self.rope_base}")
         self.router.check(self.n_experts)
         if self.mlp_hidden is None:
             self.mlp_hidden = 8 * ((8 * self.n_embd // 3 + 7) // 8)
         if self.expert_hidden is None:
             self.expert_hidden = max(1, self.mlp_hidden // 4)
-        need(self.mlp_hidden >= 1 and self.expert_hidden >= 1, "mlp_hidden and expert_hidden must be >= 1")
+        if self.mlp_hidden < 1 or self.expert_hidden < 1:
+            raise ValueError("mlp_hidden and expert_hidden must be >= 1")
 
     def layout(self):
         """Each layer's attention kind: LOCAL, GLOBAL, or SHARED (with share_kv, every second global layer

@@ -42,25 +42,27 @@ class RouterConfig:
     controller_gain: float = 0.05    # how far the controller moves top_p per step, per expert of error / E
 
     def __post_init__(self):
-        def need(ok, message):
-            if not ok:
-                raise ValueError(message)
         for f in fields(self):  # types first: a stage's router dict does not pass through the parser
             value, kinds = getattr(self, f.name), get_args(f.type) or (f.type,)  # Optional[int]: (int, None)
             fits = isinstance(value, kinds) or (float in kinds and isinstance(value, int))
-            need(fits and not isinstance(value, bool), f"router setting {f.name} must be "
-                 f"{' or '.join('None' if k is type(None) else k.__name__ for k in kinds)}; got {value!r}")
-        need(self.routing in ("top_p", "top_k"), f"routing must be 'top_p' or 'top_k'; got {self.routing!r}")
-        need(0 < self.top_p <= 1, f"top_p must be in (0, 1]; got {self.top_p}")
-        for name in ("top_k", "min_k", "n_expert_groups"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
-        need(self.max_k is None or self.max_k >= self.min_k,
-             f"max_k must be >= min_k ({self.min_k}); got {self.max_k}")
-        for name in ("balance_loss", "group_balance_loss", "entropy_loss", "z_loss"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
-        need(self.target_experts is None or self.target_experts >= 1,
-             f"target_experts must be >= 1; got {self.target_experts}")
-        need(self.controller_gain > 0, f"controller_gain must be > 0; got {self.controller_gain}")
+            if not fits or isinstance(value, bool):
+                names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+                raise ValueError(f"router setting {f.name} must be {names}; got {value!r}")
+        bad = [f"{name} must be >= {low}; got {getattr(self, name)}" for name, low in
+               [("top_k", 1), ("min_k", 1), ("n_expert_groups", 1), ("balance_loss", 0), ("group_balance_loss", 0),
+                ("entropy_loss", 0), ("z_loss", 0)] if not getattr(self, name) >= low]
+        if self.routing not in ("top_p", "top_k"):
+            bad.insert(0, f"routing must be 'top_p' or 'top_k'; got {self.routing!r}")
+        if not 0 < self.top_p <= 1:
+            bad.append(f"top_p must be in (0, 1]; got {self.top_p}")
+        if self.max_k is not None and self.max_k < self.min_k:
+            bad.append(f"max_k must be >= min_k ({self.min_k}); got {self.max_k}")
+        if self.target_experts is not None and self.target_experts < 1:
+            bad.append(f"target_experts must be >= 1; got {self.target_experts}")
+        if not self.controller_gain > 0:
+            bad.append(f"controller_gain must be > 0; got {self.controller_gain}")
+        if bad:
+            raise ValueError("; ".join(bad))
 
     def check(self, n_experts):
         """self, if it fits a layer of n_experts routed experts; else ValueError saying what to change."""

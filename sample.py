@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 import cli
+from cli import need
 from checkpoint import load_run
 
 
@@ -39,9 +40,6 @@ class SampleConfig:
     show_experts: bool = False          # shade each token by its routed experts (terminal + out_dir/experts.png)
 
     def __post_init__(self):
-        def need(ok, message):
-            if not ok:
-                raise ValueError(message)
         need(self.checkpoint in ("ckpt", "best"), f"checkpoint must be ckpt or best; got {self.checkpoint!r}")
         need(self.num_samples >= 1, f"num_samples must be >= 1; got {self.num_samples}")
         need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
@@ -118,11 +116,8 @@ def show_experts(model, tokenizer, ids, path):
 
 
 def main(argv):
-    try:
-        cfg = cli.build(SampleConfig, cli.parse(argv, SampleConfig, allow_file=False))
-        device = cli.resolve_device(cfg.device)
-    except cli.ConfigError as e:
-        raise SystemExit(f"argument error: {e}")
+    cfg, = cli.load(argv, SampleConfig)
+    device = cli.resolve_device(cfg.device)
     start = cfg.start
     if start.startswith("FILE:"):
         try:

@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 import cli
+from cli import need
 import evaluation
 import parallel
 from checkpoint import (claim_out_dir, last_checkpoint, latest_sharded, load_checkpoint, load_sharded, pack,
@@ -64,13 +65,14 @@ class Stage:
     router: dict = field(default_factory=dict)  # router settings changed from here on, e.g. {"top_p": 0.5}
 
     def __post_init__(self):
-        def need(ok, message):
-            if not ok:
-                raise ValueError(f"stage {self.name!r}: {message}")
+        try:
+            self.check()
+        except cli.ConfigError as e:
+            raise cli.ConfigError(f"stage {self.name!r}: {e}") from None
+
+    def check(self):
         need(isinstance(self.name, str) and self.name, "a stage needs a name (a non-empty string)")
         need(isinstance(self.mixture, dict) and self.mixture, "mixture must name at least one corpus")
-        for corpus, weight in self.mixture.items():
-            need(isinstance(weight, (int, float)) and weight > 0, f"weight of {corpus!r} must be > 0; got {weight!r}")
         need((self.steps is None) != (self.tokens is None), "give exactly one budget: steps or tokens")
         for name in ("steps", "tokens", "seq_len", "batch_size", "grad_accum", "warmup"):
             value = getattr(self, name)
@@ -126,9 +128,6 @@ class TrainConfig:
     samples: bool = True                 # at the end, print a sample per corpus and arithmetic marked right/wrong
 
     def __post_init__(self):
-        def need(ok, message):
-            if not ok:
-                raise ValueError(message)
         for name in ("lr", "weight_decay", "beta1", "beta2", "grad_clip"):
             need(math.isfinite(getattr(self, name)), f"{name} must be a finite number; got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0; got {self.lr}")
@@ -195,7 +194,7 @@ def load_config(argv):
         raise cli.ConfigError(str(e)) from None
     router = model_cfg.router
     for stage in train_cfg.stages:
-        if stage.warmup >= stage.num_steps(world_size):
+        if stage.tokens is not None and stage.warmup >= stage.num_steps(world_size):  # (a steps budget: Stage)
             raise cli.ConfigError(f"stage {stage.name!r}: warmup ({stage.warmup}) must be shorter than the stage "
                                   f"({stage.num_steps(world_size)} steps at world size {world_size})")
         if stage.seq_len > model_cfg.block_size:
@@ -204,8 +203,11 @@ def load_config(argv):
         router = stage_router(router, stage, model_cfg.n_experts)
     if train_cfg.eval_seq_len > model_cfg.block_size:
         raise cli.ConfigError(f"eval_seq_len {train_cfg.eval_seq_len} exceeds block_size {model_cfg.block_size}")
-    for stage in train_cfg.stages:  # every split is long enough (and whole), found now rather than mid-run
-        MixtureLoader(stage.mixture, train_cfg.tokenizer, stage.seq_len, 1)
+    for stage in train_cfg.stages:  # the weights; every split long enough (and whole): found now, not mid-run
+        try:
+            MixtureLoader(stage.mixture, train_cfg.tokenizer, stage.seq_len, 1)
+        except ValueError as e:
+            raise cli.ConfigError(f"stage {stage.name!r}: {e}") from None
     for corpus in train_cfg.corpora():
         MixtureLoader({corpus: 1.0}, train_cfg.tokenizer, train_cfg.eval_seq_len, 1, split="val")
         check_token_ids(corpus, train_cfg.tokenizer, tokenizer.vocab_size)
@@ -299,10 +301,7 @@ class Trainer:
     def setup_device(self):
         """The ranks (parallel.join: one process, or torchrun's), this rank's device, and the precision."""
         cfg = self.cfg
-        try:
-            self.ranks, self.device = parallel.join(cli.resolve_device(cfg.device))
-        except cli.ConfigError as e:
-            raise SystemExit(str(e))
+        self.ranks, self.device = parallel.join(cli.resolve_device(cfg.device))
         self.device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         self.peak = (evaluation.peak_flops(torch.cuda.get_device_name(self.device))
                      if self.device_type == "cuda" else None)

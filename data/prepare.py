@@ -15,10 +15,7 @@ class PrepareAllConfig:
     force: bool = False              # prepare again even the corpora that are prepared already
 
 
-try:
-    force = cli.build(PrepareAllConfig, cli.parse(sys.argv[1:], PrepareAllConfig, allow_file=False)).force
-except cli.ConfigError as e:
-    sys.exit(f"argument error: {e}")
+force = cli.load(sys.argv[1:], PrepareAllConfig)[0].force
 for name in ("shakespeare", "code", "arith"):
     if force or not all(os.path.isfile(os.path.join(here, name, t, "meta.json")) for t in ("byte", "gpt2")):
         script = os.path.join(here, name, "prepare.py")

@@ -75,11 +75,8 @@ def val_problems(rng, n_per_level):
 
 
 def main(argv):
-    try:
-        settings = cli.parse(argv, ArithConfig, PrepareConfig, allow_file=False)
-        cfg, choice = cli.build(ArithConfig, settings), cli.build(PrepareConfig, settings).tokenizer
-    except cli.ConfigError as e:
-        sys.exit(f"argument error: {e}")
+    cfg, prepare = cli.load(argv, ArithConfig, PrepareConfig)
+    choice = prepare.tokenizer
     rng = random.Random(cfg.seed)
     train = ["".join(p[:2]) for p in train_problems(rng, cfg.n_train)]
     val = val_problems(rng, cfg.n_val)

@@ -18,11 +18,8 @@ class CodeConfig:
     max_bytes: int = 3_000_000       # stop adding source files after this many bytes
 
 
-try:
-    settings = cli.parse(sys.argv[1:], CodeConfig, PrepareConfig, allow_file=False)
-    max_bytes, choice = cli.build(CodeConfig, settings).max_bytes, cli.build(PrepareConfig, settings).tokenizer
-except cli.ConfigError as e:
-    sys.exit(f"argument error: {e}")
+code, prepare = cli.load(sys.argv[1:], CodeConfig, PrepareConfig)
+max_bytes, choice = code.max_bytes, prepare.tokenizer
 
 stdlib = sysconfig.get_paths()["stdlib"]
 skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "ensurepip", "__pycache__", "turtledemo"}

@@ -8,10 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import cli  # noqa: E402
 from data.corpus import PrepareConfig, Tokenizer, corpus_dir, tokenizer_names, write_corpus  # noqa: E402
 
-try:
-    choice = cli.build(PrepareConfig, cli.parse(sys.argv[1:], PrepareConfig, allow_file=False)).tokenizer
-except cli.ConfigError as e:
-    sys.exit(f"argument error: {e}")
+choice = cli.load(sys.argv[1:], PrepareConfig)[0].tokenizer
 with open(os.path.join(corpus_dir("shakespeare"), "input.txt"), encoding="utf-8") as f:
     text = f.read()
 n = int(0.9 * len(text))

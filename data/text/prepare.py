@@ -59,11 +59,8 @@ def documents_from_fineweb(n_docs):
 
 def main(argv):
     files = [arg for arg in argv if not arg.startswith("-")]  # the rest are settings
-    try:
-        settings = cli.parse([a for a in argv if a not in files], TextConfig, PrepareConfig, allow_file=False)
-        cfg, choice = cli.build(TextConfig, settings), cli.build(PrepareConfig, settings).tokenizer
-    except cli.ConfigError as e:
-        sys.exit(f"argument error: {e}")
+    cfg, prepare = cli.load([a for a in argv if a not in files], TextConfig, PrepareConfig)
+    choice = prepare.tokenizer
     name = cfg.name
     if not name or not name.replace("_", "").isalnum():
         sys.exit("give the corpus a name of letters, digits and _: --name=mydata")
