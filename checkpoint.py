@@ -155,6 +155,37 @@ def read(path):
     return ckpt
 
 
+def resume(train_cfg, model_cfg, model, optimizer, world_size, rank, cuda):
+    """(checkpoint, where) of the run in train_cfg.out_dir, with its weights and optimizer state loaded into model
+    and optimizer and this rank's RNG restored; None when out_dir holds no checkpoint yet. A sharded checkpoint
+    comes first (a run with another layout is refused there, as parallel and ep are settings it records, like the
+    world size). The model's router settings and RoPE base travel inside its state dict."""
+    folder, path = latest_sharded(train_cfg.out_dir), os.path.join(train_cfg.out_dir, "ckpt.pt")
+    if folder is not None:
+        ckpt, where = load_sharded(model, optimizer, folder, model_cfg, train_cfg, world_size), folder
+    elif os.path.exists(path):
+        ckpt, where = load_checkpoint(path, model_cfg, train_cfg, world_size), path
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    else:
+        return None
+    rng = ckpt["rng"][rank]
+    torch.set_rng_state(rng["cpu"])
+    if cuda and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return ckpt, where
+
+
+def save(run, model, optimizer, out_dir, sharded, master):
+    """Write the run's checkpoint (run: what pack made): every rank its part under out_dir/sharded when the model is
+    sharded, else rank 0 the whole of it to out_dir/ckpt.pt."""
+    if sharded:
+        save_sharded(model, optimizer, run, out_dir)
+    elif master:
+        save_atomic({**run, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                    os.path.join(out_dir, "ckpt.pt"))
+
+
 def runtime_changes(then, now):
     """One line naming how a resumed run differs from the run that wrote its checkpoint in what may change on
     resume (device, precision, compilation: with dtype="auto" and compile=None these follow the device), or None.

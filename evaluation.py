@@ -19,6 +19,40 @@ from attention import LOCAL
 from data.corpus import MixtureLoader, corpus_dir
 
 
+# A training step's numbers, kept as tensors until a log line needs them (reading a GPU tensor waits for the GPU)
+
+def step_stats(loss, parts):
+    """{name: tensor} of one micro-step: its loss, cross-entropy and auxiliary loss, and per MoE layer the mean
+    routed experts per token and the tokens each expert got."""
+    routing = parts.routing
+    return {"loss": loss.detach().float(), "ce": parts.ce.detach().float(), "aux": parts.aux.detach().float(),
+            "experts_per_token": torch.stack([r.experts_per_token.float().mean() for r in routing])
+            if routing else loss.new_zeros(0),
+            "tokens_per_expert": torch.stack([r.tokens_per_expert.float() for r in routing])
+            if routing else loss.new_zeros(0, 0)}
+
+
+def read_stats(stats):
+    """{name: plain numbers} of a step's stats, read from the device in one transfer."""
+    flat = torch.cat([v.flatten() for v in stats.values()]).cpu()
+    return {k: v.view_as(stats[k]).tolist() for k, v in zip(stats, flat.split([t.numel() for t in stats.values()]))}
+
+
+def progress(record):
+    """The progress bar's summary of a train record: stage, loss, lr, tokens/s, and where there are MoE layers
+    the routed experts per token, the EP ranks' worst load (max over mean rows) and the MFU where known."""
+    postfix = {"stage": record["stage"], "loss": f"{record['ce']:.3f}", "lr": f"{record['lr']:.2e}",
+               "tok/s": f"{record['tok_s']:,.0f}"}
+    experts = record["experts_per_token"]
+    if experts:
+        postfix["k"] = f"{sum(experts) / len(experts):.2f}"
+    if "ep_rows" in record:
+        postfix["ep max/mean"] = f"{max(max(r) / max(sum(r) / len(r), 1e-9) for r in record['ep_rows']):.2f}"
+    if record["mfu"] is not None:
+        postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+    return postfix
+
+
 def bits_per_byte(token_loss, targets, token_bytes):
     """Summed loss (nats) of the targets that stand for text, in bits, over the bytes of that text.
     token_bytes[id] is the byte length of id's text; end-of-text has 0 bytes and counts in neither sum."""
@@ -56,6 +90,25 @@ def val_loss(model, tokenizer, corpora, seq_len, batch_size, iters, autocast):
 
 # -----------------------------------------------------------------------------------------------------
 # Arithmetic: exact match on held-out problems
+
+def evaluate(model, tokenizer, corpora, problems, seq_len, batch_size, iters, autocast):
+    """What every evaluation of a run measures: val loss per corpus in nats per token ("val") and bits per byte
+    ("val_bpb"), and with problems, exact-match arithmetic ("arith_accuracy")."""
+    nats, bpb = val_loss(model, tokenizer, corpora, seq_len, batch_size, iters, autocast)
+    measured = {"val": nats, "val_bpb": bpb}
+    if problems:
+        measured["arith_accuracy"] = arith_accuracy(model, tokenizer, problems, autocast)
+    return measured
+
+
+def summary(measured):
+    """evaluate's numbers in one line: "val shakespeare 1.803 (2.601 bpb), ..., arith exact match 0.28"."""
+    nats, bpb = measured["val"], measured["val_bpb"]
+    line = "val " + ", ".join(f"{k} {nats[k]:.3f} ({bpb[k]:.3f} bpb)" for k in nats)
+    if "arith_accuracy" in measured:
+        line += f", arith exact match {measured['arith_accuracy']['all']:.2f}"
+    return line
+
 
 def read_problems(n_per_level=None):
     """The arith val problems (data/arith/val_problems.jsonl), at most n_per_level of each level."""
@@ -159,7 +212,10 @@ PROMPTS = {"shakespeare": "\n\nROMEO:\n", "code": "    def __init__(self, ", "te
 
 @torch.no_grad()
 def show_samples(model, tokenizer, corpora, problems, autocast, n_tokens=120, seed=0):
-    """A short sample per text corpus and a few arithmetic problems marked right or wrong, as lines."""
+    """A short sample per text corpus and the first two arithmetic problems of each level marked right or wrong,
+    as lines."""
+    problems = [p for level in sorted({p["difficulty"] for p in problems})
+                for p in [q for q in problems if q["difficulty"] == level][:2]]
     model.eval()
     device = model.wte.weight.device
     lines, generator_state = [], torch.random.get_rng_state()

@@ -11,7 +11,7 @@ With EP the world is a grid of (world / ep) x ep ranks: the ep ranks of a row ho
 tokens; the ranks of a column hold the same experts and average their gradients. Everything but the routed experts
 (attention, router, shared experts, embeddings) is data parallel over the whole world, as without EP.
 
-train.py calls: check_layout (settings), build_sharded (the model built on the meta device, spread, then each
+train.py calls: check_layout (settings), build (under FSDP or EP the model built on the meta device, spread, then each
 rank's part made: no rank holds the whole model), reduce_expert_grads (after backward) and clip_grad_norm_ (for any
 mix of whole and split tensors), and the rank plumbing at the end of this file: join and leave the ranks, wrap the
 model for DDP, reduce a step's numbers over the ranks. memory_per_rank is the arithmetic behind docs/parallel.md's
@@ -20,6 +20,7 @@ memory table (bench.py).
 
 import atexit
 import os
+import signal
 import sys
 import warnings
 from collections import defaultdict
@@ -151,11 +152,14 @@ def rows_per_ep_rank(tokens_per_expert, ep):
             for layer in tokens_per_expert]
 
 
-def build_sharded(config, parallel, ep, device, bf16, verbose=True):
-    """The model spread over the ranks without any rank ever holding all of it: built on the meta device (no
-    memory), spread, then each rank's part allocated on `device` and filled with exactly the values a one-process
-    GPT(config) gets from the same seed: model.weight_inits' draws, in its order, each weight made whole on the
-    CPU one at a time (the largest single weight is the most any rank holds at once), of which it keeps its part."""
+def build(config, parallel, ep, device, bf16, verbose=True):
+    """This rank's model: the whole GPT(config) on `device`, or, when the layout shards it (fsdp, ep > 1), its part,
+    without any rank ever holding all of it: built on the meta device (no memory), spread, then each rank's part
+    allocated on `device` and filled with exactly the values a one-process GPT(config) gets from the same seed:
+    model.weight_inits' draws, in its order, each weight made whole on the CPU one at a time (the largest single
+    weight is the most any rank holds at once), of which it keeps its part."""
+    if not sharded(parallel, ep):
+        return GPT(config, verbose=verbose).to(device)
     with torch.device("meta"):
         model = GPT(config, verbose=verbose)
     spread(model, parallel, ep, torch.device(device).type, bf16)
@@ -235,11 +239,13 @@ def sync_gradients(model, raw_model, on):
         raw_model.set_requires_gradient_sync(on)
 
 
-def mean_over_ranks(t, ranks):
-    """t averaged over the ranks, in place (t itself alone)."""
-    if ranks.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.AVG)
-    return t
+def mean_over_ranks(stats, ranks):
+    """A step's numbers ({name: tensor}) averaged over the ranks, in one all_reduce."""
+    if not ranks.distributed:
+        return stats
+    flat = torch.cat([v.flatten() for v in stats.values()])
+    dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+    return {k: v.view_as(stats[k]) for k, v in zip(stats, flat.split([t.numel() for t in stats.values()]))}
 
 
 def any_rank(flag, ranks, device):
@@ -248,6 +254,27 @@ def any_rank(flag, ranks, device):
     if ranks.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+class StopSignal:
+    """SIGINT and SIGTERM, noted rather than obeyed at once: the run stops after the step in flight, on every rank
+    at the same step (whichever rank got the signal), with a checkpoint saved first."""
+
+    def __init__(self):
+        self.signal = None
+        signal.signal(signal.SIGINT, self.note)
+        signal.signal(signal.SIGTERM, self.note)
+
+    def note(self, signum, frame):
+        self.signal = signum
+
+    def requested(self, ranks, device):
+        return any_rank(self.signal is not None, ranks, device)
+
+    @property
+    def number(self):
+        """The signal's number, for the exit code 128 + number (SIGTERM where another rank had the signal)."""
+        return self.signal or signal.SIGTERM
 
 
 def gather(obj, ranks):

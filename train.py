@@ -1,24 +1,16 @@
 """
-Multi-stage training, on one CPU, one GPU, or many GPUs and nodes with DDP, FSDP2 and expert parallelism
-(parallel.py says how the model is spread over the ranks).
+Multi-stage training on one CPU, one GPU, or many GPUs and nodes (parallel.py says how the model is spread).
 
     python train.py config/default.py                 # the three-stage CPU run of the quickstart
-    python train.py config/shakespeare_char.py --compile=False
     python train.py --help                            # every setting, with its default and meaning
-    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
-    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py --parallel=fsdp --ep=8
-    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_endpoint=HOST:29500 train.py config/...
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py [--parallel=fsdp] [--ep=8]
 
-(Plain `python train.py` runs TrainConfig's defaults: one short stage on Shakespeare, in bytes.)
+A run is a list of stages (Yi-Lightning trains this way), each with its own data mixture, budget, sequence
+length, batch, learning-rate phase, RoPE base and router settings. Checkpoints (checkpoint.py) carry everything
+needed to resume exactly: a killed run started again with the same command continues where it stopped.
 
-A run is a list of stages (Yi-Lightning trains this way): each stage has its own data mixture, budget,
-sequence length, batch, learning-rate phase, RoPE base and router settings. The learning rate is continuous
-across stage boundaries unless a stage sets its own start. Checkpoints (out_dir/ckpt.pt, and best.pt for the
-lowest mean val loss) are written atomically (checkpoint.py) and carry everything needed to resume exactly: a
-killed run started again with the same command continues where it stopped.
-
-Read top to bottom: the settings, the schedule, a step's numbers, then the Trainer, whose run()
-reads like the story of a run: for each stage, begin it, then train steps, logging, evaluating and saving.
+Read top to bottom: the settings, the schedule, then the Trainer, whose run() is the story of a run: for each
+stage, begin it, then train steps, logging, evaluating and saving.
 """
 
 import dataclasses
@@ -41,10 +33,9 @@ import cli
 from cli import need
 import evaluation
 import parallel
-from checkpoint import (claim_out_dir, last_checkpoint, latest_sharded, load_checkpoint, load_sharded, pack,
-                        runtime_changes, save_atomic, save_sharded, start_metrics)
-from data.corpus import TOKENIZERS, MixtureLoader, check_token_ids, mixture_tokenizer
-from model import GPT, GPTConfig, PRESETS, compiled, make_config
+from checkpoint import claim_out_dir, last_checkpoint, pack, resume, runtime_changes, save, save_atomic, start_metrics
+from data.corpus import TOKENIZERS, MixtureLoader, check_prepared, mixture_tokenizer
+from model import GPTConfig, PRESETS, compiled, make_config
 from router import RouterConfig
 
 
@@ -80,14 +71,12 @@ class Stage:
                  f"{name} must be a whole number; got {value!r}")
         budget = self.steps if self.steps is not None else self.tokens
         need(budget >= 1, f"the budget must be >= 1; got {budget}")
-        for name in ("seq_len", "batch_size", "grad_accum"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
-        need(self.warmup >= 0, f"warmup must be >= 0; got {self.warmup}")
+        for name, low in [("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("lr_start", 0),
+                          ("lr_end", 0)]:
+            value = getattr(self, name)
+            need(value is None or value >= low, f"{name} must be >= {low}; got {value}")
         need(self.steps is None or self.warmup < self.steps,
              f"warmup ({self.warmup}) must be shorter than the stage ({self.steps} steps)")
-        for name in ("lr_start", "lr_end"):
-            value = getattr(self, name)
-            need(value is None or value >= 0, f"{name} must be >= 0; got {value}")
         need(self.decay in ("linear", "cosine"), f"decay must be 'linear' or 'cosine'; got {self.decay!r}")
         need(self.rope_base is None or self.rope_base > 1, f"rope_base must be > 1; got {self.rope_base}")
         need(isinstance(self.router, dict), f"router must be a dict of router settings; got {self.router!r}")
@@ -134,12 +123,12 @@ class TrainConfig:
         need(isinstance(self.out_dir, str) and self.out_dir.strip(), "out_dir must name a folder; got an empty one")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1); got "
              f"{self.beta1}, {self.beta2}")
-        for name in ("eval_interval", "eval_iters", "eval_batch_size", "log_interval", "ckpt_interval"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
-        need(self.eval_seq_len is None or self.eval_seq_len >= 1, f"eval_seq_len must be >= 1; got {self.eval_seq_len}")
+        for name, low in [("eval_interval", 1), ("eval_iters", 1), ("eval_batch_size", 1), ("log_interval", 1),
+                          ("ckpt_interval", 1), ("eval_seq_len", 1), ("arith_per_level", 0)]:
+            value = getattr(self, name)
+            need(value is None or value >= low, f"{name} must be >= {low}; got {value}")
         need(self.weight_decay >= 0 and self.grad_clip >= 0, "weight_decay and grad_clip must be >= 0")
         need(self.tokenizer in TOKENIZERS, f"tokenizer must be one of {', '.join(TOKENIZERS)}; got {self.tokenizer!r}")
-        need(self.arith_per_level >= 0, f"arith_per_level must be >= 0; got {self.arith_per_level}")
         need(self.dtype in ("auto", "bfloat16", "float32"),
              f"dtype must be auto, bfloat16 or float32; got {self.dtype!r}")
         need(cli.valid_device(self.device), f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
@@ -160,14 +149,6 @@ class TrainConfig:
         return list(dict.fromkeys(c for s in self.stages for c in s.mixture))
 
 
-def stage_router(router, stage, n_experts):
-    """The router settings in force during `stage`: `router` (those before it) with the stage's changes."""
-    try:
-        return router.updated(n_experts, **stage.router)
-    except ValueError as e:
-        raise cli.ConfigError(f"stage {stage.name!r}: {e}") from None
-
-
 def load_config(argv):
     """TrainConfig, GPTConfig and the run's Tokenizer from [config.py] [--key=value ...]; vocab_size comes from
     the tokenizer. Every stage is checked here, before anything runs: a bad value in the last stage stops the
@@ -182,35 +163,26 @@ def load_config(argv):
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE
     layout_error = parallel.check_layout(train_cfg.parallel, train_cfg.ep, world_size,
                                          model_settings.get("n_experts", GPTConfig.n_experts))
-    if layout_error:
-        raise cli.ConfigError(layout_error)
+    need(layout_error is None, layout_error)
     model_settings.setdefault("n_expert_groups", train_cfg.ep)  # the group balance loss balances the EP ranks
-    if model_settings["vocab_size"] < tokenizer.vocab_size:
-        raise cli.ConfigError(f"vocab_size {model_settings['vocab_size']} is smaller than the {tokenizer.name} "
-                              f"tokenizer's {tokenizer.vocab_size}")
-    try:
-        model_cfg = make_config(model_settings)
-    except ValueError as e:
-        raise cli.ConfigError(str(e)) from None
+    need(model_settings["vocab_size"] >= tokenizer.vocab_size, f"vocab_size {model_settings['vocab_size']} is "
+         f"smaller than the {tokenizer.name} tokenizer's {tokenizer.vocab_size}")
+    model_cfg = make_config(model_settings)  # (a ValueError it raises stops the run in main, as any bad setting)
     router = model_cfg.router
     for stage in train_cfg.stages:
-        if stage.tokens is not None and stage.warmup >= stage.num_steps(world_size):  # (a steps budget: Stage)
-            raise cli.ConfigError(f"stage {stage.name!r}: warmup ({stage.warmup}) must be shorter than the stage "
-                                  f"({stage.num_steps(world_size)} steps at world size {world_size})")
-        if stage.seq_len > model_cfg.block_size:
-            raise cli.ConfigError(f"stage {stage.name!r}: seq_len {stage.seq_len} exceeds block_size "
-                                  f"{model_cfg.block_size}")
-        router = stage_router(router, stage, model_cfg.n_experts)
-    if train_cfg.eval_seq_len > model_cfg.block_size:
-        raise cli.ConfigError(f"eval_seq_len {train_cfg.eval_seq_len} exceeds block_size {model_cfg.block_size}")
-    for stage in train_cfg.stages:  # the weights; every split long enough (and whole): found now, not mid-run
-        try:
-            MixtureLoader(stage.mixture, train_cfg.tokenizer, stage.seq_len, 1)
+        steps = stage.num_steps(world_size)
+        need(stage.tokens is None or stage.warmup < steps,  # (against a steps budget, Stage checks it)
+             f"stage {stage.name!r}: warmup ({stage.warmup}) must be shorter than the stage ({steps} steps at world "
+             f"size {world_size})")
+        need(stage.seq_len <= model_cfg.block_size,
+             f"stage {stage.name!r}: seq_len {stage.seq_len} exceeds block_size {model_cfg.block_size}")
+        try:  # the router settings in force from this stage on: those before it, with the stage's changes
+            router = router.updated(model_cfg.n_experts, **stage.router)
         except ValueError as e:
             raise cli.ConfigError(f"stage {stage.name!r}: {e}") from None
-    for corpus in train_cfg.corpora():
-        MixtureLoader({corpus: 1.0}, train_cfg.tokenizer, train_cfg.eval_seq_len, 1, split="val")
-        check_token_ids(corpus, train_cfg.tokenizer, tokenizer.vocab_size)
+    need(train_cfg.eval_seq_len <= model_cfg.block_size,
+         f"eval_seq_len {train_cfg.eval_seq_len} exceeds block_size {model_cfg.block_size}")
+    check_prepared([(s.name, s.mixture, s.seq_len) for s in train_cfg.stages], tokenizer, train_cfg.eval_seq_len)
     return train_cfg, model_cfg, tokenizer
 
 
@@ -240,27 +212,6 @@ def lr_at(stages, s, step, world_size=1):
 
 
 # -----------------------------------------------------------------------------------------------------
-# A step's numbers, kept as tensors until a log line needs them (reading a GPU tensor waits for the GPU)
-
-def step_stats(loss, parts):
-    routing = parts.routing
-    return {"loss": loss.detach().float(), "ce": parts.ce.detach().float(), "aux": parts.aux.detach().float(),
-            "experts_per_token": torch.stack([r.experts_per_token.float().mean() for r in routing])
-            if routing else loss.new_zeros(0),
-            "tokens_per_expert": torch.stack([r.tokens_per_expert.float() for r in routing])
-            if routing else loss.new_zeros(0, 0)}
-
-
-def flatten(stats):
-    return torch.cat([v.flatten() for v in stats.values()])
-
-
-def unflatten(flat, like):
-    return {k: v.view_as(like[k]) for k, v in zip(like, flat.split([t.numel() for t in like.values()]))}
-
-
-# -----------------------------------------------------------------------------------------------------
-
 class Trainer:
     """One run: where it runs (device, ranks), its model and optimizer, and its state (stage, step within
     it, tokens seen, best val loss), which is all a checkpoint needs besides the weights."""
@@ -280,34 +231,30 @@ class Trainer:
         # own randomness.
         torch.manual_seed(cfg.seed)
         self.sharded = parallel.sharded(cfg.parallel, cfg.ep)
-        self.raw_model = (parallel.build_sharded(model_cfg, cfg.parallel, cfg.ep, self.device, self.bf16, self.master)
-                          if self.sharded else GPT(model_cfg, verbose=self.master).to(self.device))
+        self.raw_model = parallel.build(model_cfg, cfg.parallel, cfg.ep, self.device, self.bf16, self.master)
         if self.ranks.rank > 0:
             torch.manual_seed(cfg.seed + self.ranks.rank)
         self.moes = self.raw_model.moe_layers()
         self.optimizer = self.raw_model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
                                                             self.device_type)
-        self.ckpt_path, self.best_path, self.metrics_path = (os.path.join(cfg.out_dir, name) for name in
-                                                             ("ckpt.pt", "best.pt", "metrics.jsonl"))
+        self.best_path, self.metrics_path = (os.path.join(cfg.out_dir, n) for n in ("best.pt", "metrics.jsonl"))
         self.state, self.loader_state = self.restore()
         if self.master:
             start_metrics(self.metrics_path, self.state["global_step"] if self.loader_state is not None else None)
         self.model = parallel.wrap(compiled(self.raw_model) if self.runtime["compile"] else self.raw_model,
                                    cfg.parallel, self.ranks)
-        self.stop_signal = None
-        signal.signal(signal.SIGINT, self.on_signal)
-        signal.signal(signal.SIGTERM, self.on_signal)
+        self.stop = parallel.StopSignal()  # (from here on, Ctrl-C saves a checkpoint and stops)
 
     def setup_device(self):
         """The ranks (parallel.join: one process, or torchrun's), this rank's device, and the precision."""
         cfg = self.cfg
         self.ranks, self.device = parallel.join(cli.resolve_device(cfg.device))
         self.device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        self.peak = (evaluation.peak_flops(torch.cuda.get_device_name(self.device))
-                     if self.device_type == "cuda" else None)
+        self.peak = None  # the GPU's peak FLOP/s, for MFU
         if self.device_type == "cuda":
             torch.cuda.set_device(self.device)
             torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
+            self.peak = evaluation.peak_flops(torch.cuda.get_device_name(self.device))
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if self.device_type == "cuda" else "float32")
         self.bf16 = dtype == "bfloat16"
         compiling = cfg.compile if cfg.compile is not None else self.device_type == "cuda"
@@ -316,36 +263,18 @@ class Trainer:
                          else nullcontext())
 
     def restore(self):
-        """(state, loader state): a fresh run's, or the checkpoint's, whose weights, optimizer and RNG are
-        loaded here. The model's router settings and RoPE base travel inside its state dict. A sharded
-        checkpoint (checkpoint.py) comes first: a run with another layout is refused there, as parallel and ep
-        are settings it records, like the world size."""
-        fresh = {"stage": 0, "step": 0, "global_step": 0, "tokens": 0, "best_val": None}
-        if not self.cfg.resume:
-            return fresh, None
-        folder = latest_sharded(self.cfg.out_dir)
-        if folder is not None:
-            ckpt, where = load_sharded(self.raw_model, self.optimizer, folder, self.model_cfg, self.cfg,
-                                       self.world_size), folder
-        elif os.path.exists(self.ckpt_path):
-            ckpt, where = load_checkpoint(self.ckpt_path, self.model_cfg, self.cfg, self.world_size), self.ckpt_path
-            self.raw_model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        else:
-            return fresh, None
-        rng = ckpt["rng"][self.ranks.rank]
-        torch.set_rng_state(rng["cpu"])
-        if self.device_type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
+        """(state, loader state): a fresh run's, or the checkpoint's (checkpoint.resume loads the rest)."""
+        found = resume(self.cfg, self.model_cfg, self.raw_model, self.optimizer, self.world_size, self.ranks.rank,
+                       self.device_type == "cuda") if self.cfg.resume else None
+        if found is None:
+            return {"stage": 0, "step": 0, "global_step": 0, "tokens": 0, "best_val": None}, None
+        ckpt, where = found
         if self.master:
             print(f"resuming {where}: stage {ckpt['state']['stage']} step {ckpt['state']['step']}")
             changes = runtime_changes(ckpt.get("runtime"), self.runtime)
             if changes:
                 print(changes)
         return dict(ckpt["state"]), ckpt["loader"]
-
-    def on_signal(self, signum, frame):
-        self.stop_signal = signum
 
     # -------------------------------------------------------------------------------------------------
     def run(self):
@@ -373,14 +302,14 @@ class Trainer:
                     self.evaluate(s, stage)
                 if stage_done:  # record in the checkpoint that the next stage starts fresh
                     state.update(stage=s + 1, step=0)
-                stopping = parallel.any_rank(self.stop_signal is not None, self.ranks, self.device)
+                stopping = self.stop.requested(self.ranks, self.device)
                 if stage_done or state["step"] % cfg.ckpt_interval == 0 or stopping:
                     self.save_checkpoint(loader)
                 if stopping:
                     self.finish(f"stopped by signal at global step {state['global_step']}; checkpoint saved to "
                                 f"{last_checkpoint(cfg.out_dir, self.sharded)}. Run the same command again to "
                                 f"resume.")
-                    return 128 + (self.stop_signal or signal.SIGTERM)  # (another rank may have had the signal)
+                    return 128 + self.stop.number
         self.finish(f"run complete: {state['global_step']} steps, {state['tokens']:,} tokens. "
                     f"Checkpoint: {last_checkpoint(cfg.out_dir, self.sharded)}", complete=True)
         return 0
@@ -394,8 +323,8 @@ class Trainer:
         if self.state["step"] > 0:  # (a checkpoint at a stage boundary holds the previous stage's stream)
             loader.load_state_dict(self.loader_state)
             return loader
-        for moe in self.moes:
-            moe.config = stage_router(moe.config, stage, moe.n_experts)
+        for moe in self.moes:  # (load_config checked every stage's router changes)
+            moe.config = moe.config.updated(moe.n_experts, **stage.router)
         if stage.rope_base is not None:
             self.raw_model.rope_base = stage.rope_base
         return loader
@@ -413,10 +342,10 @@ class Trainer:
             with self.autocast:
                 _, loss, parts = self.model(x, y, parts=True)
             (loss / stage.grad_accum).backward()
-            stats = step_stats(loss, parts)
+            stats = evaluation.step_stats(loss, parts)
             total = stats if total is None else {k: total[k] + v for k, v in stats.items()}
         stats = {k: v / stage.grad_accum for k, v in total.items()}
-        stats = unflatten(parallel.mean_over_ranks(flatten(stats), self.ranks), stats)
+        stats = parallel.mean_over_ranks(stats, self.ranks)
         if self.cfg.ep > 1:
             parallel.reduce_expert_grads(self.raw_model, self.world_size)
         stats["grad_norm"] = parallel.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip or float("inf"))
@@ -438,53 +367,36 @@ class Trainer:
         now, state = time.time(), self.state
         tok_s = (state["tokens"] - self.tokens_last) / max(now - self.t_last, 1e-9)
         self.t_last, self.tokens_last = now, state["tokens"]
-        v = {k: t.tolist() for k, t in unflatten(flatten(stats).cpu(), stats).items()}  # one read of the GPU
-        experts = v["experts_per_token"]
-        active = self.raw_model.num_params(active=True, experts_per_token=experts)
+        v = evaluation.read_stats(stats)
+        active = self.raw_model.num_params(active=True, experts_per_token=v["experts_per_token"])
         util = evaluation.mfu(evaluation.flops_per_token(self.model_cfg, active, stage.seq_len), tok_s, self.peak,
                               self.world_size)
         record = {"kind": "train", "step": state["global_step"], "tokens": state["tokens"], "stage": s,
-                  "stage_step": state["step"] - 1, "lr": lr, "loss": v["loss"], "ce": v["ce"], "aux": v["aux"],
-                  "grad_norm": v["grad_norm"], "tok_s": tok_s, "mfu": util, "active_params": active,
+                  "stage_step": state["step"] - 1, "lr": lr, **v, "tok_s": tok_s, "mfu": util, "active_params": active,
                   "seq_len": stage.seq_len, "batch_size": stage.batch_size, "mixture": stage.mixture,
                   "rope_base": self.raw_model.rope_base, "top_p": [m.config.top_p for m in self.moes],
-                  "routing": [m.config.routing for m in self.moes], "experts_per_token": experts,
-                  "tokens_per_expert": v["tokens_per_expert"]}
-        postfix = {"stage": s, "loss": f"{v['ce']:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
-        if experts:
-            postfix["k"] = f"{sum(experts) / len(experts):.2f}"
+                  "routing": [m.config.routing for m in self.moes]}
         if self.cfg.ep > 1:  # the load per EP rank: the slowest rank sets every rank's pace
             record["ep_rows"] = parallel.rows_per_ep_rank(v["tokens_per_expert"], self.cfg.ep)
-            postfix["ep max/mean"] = f"{max(max(r) / max(sum(r) / len(r), 1e-9) for r in record['ep_rows']):.2f}"
         self.log(record)
-        if util is not None:
-            postfix["mfu"] = f"{100 * util:.1f}%"
-        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.set_postfix(evaluation.progress(record), refresh=False)
 
     def log(self, record):
-        """One line of metrics.jsonl, with wall_s: seconds since this process started (how long a run took to
-        reach a loss, startup and evaluations included; a resumed run counts from its own start)."""
+        """One line of metrics.jsonl, with wall_s: seconds since this process started (startup included)."""
         if self.master:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps({**record, "wall_s": round(time.time() - STARTED, 2)}) + "\n")
 
     def evaluate(self, s, stage):
-        """Val loss per corpus (and arithmetic accuracy), logged; best.pt keeps the lowest mean val bpb. With a
-        sharded model every rank runs this (each forward needs them all) and rank 0 logs; no best.pt is written
-        then, as rank 0 does not hold the whole model."""
+        """Val loss per corpus (and arithmetic accuracy), logged; best.pt keeps the lowest mean val bpb. A sharded
+        model's every rank runs this (each forward needs them all) and writes no best.pt (none holds it all)."""
         cfg, state = self.cfg, self.state
-        nats, bpb = evaluation.val_loss(self.raw_model, self.tokenizer, self.corpora, cfg.eval_seq_len,
-                                        cfg.eval_batch_size, cfg.eval_iters, self.autocast)
-        record = {"kind": "eval", "step": state["global_step"], "tokens": state["tokens"], "stage": s,
-                  "val": nats, "val_bpb": bpb}
-        if self.problems:
-            record["arith_accuracy"] = evaluation.arith_accuracy(self.raw_model, self.tokenizer, self.problems,
-                                                                 self.autocast)
-        self.log(record)
+        measured = evaluation.evaluate(self.raw_model, self.tokenizer, self.corpora, self.problems, cfg.eval_seq_len,
+                                       cfg.eval_batch_size, cfg.eval_iters, self.autocast)
+        self.log({"kind": "eval", "step": state["global_step"], "tokens": state["tokens"], "stage": s, **measured})
         if self.master:
-            tqdm.write(f"step {state['global_step']} stage {s} ({stage.name}): val " +
-                       ", ".join(f"{k} {nats[k]:.3f} ({bpb[k]:.3f} bpb)" for k in nats) +
-                       (f", arith exact match {record['arith_accuracy']['all']:.2f}" if self.problems else ""))
+            tqdm.write(f"step {state['global_step']} stage {s} ({stage.name}): {evaluation.summary(measured)}")
+        bpb = measured["val_bpb"]
         mean_bpb = sum(bpb.values()) / len(bpb)
         if state["best_val"] is None or mean_bpb < state["best_val"]:
             state["best_val"] = mean_bpb
@@ -492,40 +404,30 @@ class Trainer:
                 save_atomic(pack(self.model_cfg, self.cfg, self.meta, state, model=self.raw_model.state_dict()),
                             self.best_path)
 
-    def show_what_was_learned(self):
-        with open(self.metrics_path) as f:
-            records = [json.loads(line) for line in f]
-        examples = [p for level in sorted({p["difficulty"] for p in self.problems})
-                    for p in [q for q in self.problems if q["difficulty"] == level][:2]]
-        lines = evaluation.show_samples(self.raw_model, self.tokenizer, self.corpora, examples, self.autocast)
-        print("\n".join(lines + [""] + evaluation.stage_end_accuracy(records, self.cfg.stages)))
-
     def save_checkpoint(self, loader):
-        # The loader's stream is the same on every rank; the torch RNG is not, so gather it from each rank.
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state() if self.device_type == "cuda" else None}
-        rngs = parallel.gather(rng, self.ranks)
-        run = pack(self.model_cfg, self.cfg, self.meta, self.state, loader=loader.state_dict(), rng=rngs,
-                   world_size=self.world_size, runtime=self.runtime)
-        if self.sharded:
-            save_sharded(self.raw_model, self.optimizer, run, self.cfg.out_dir)
-        elif self.master:
-            save_atomic({**run, "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict()},
-                        self.ckpt_path)
+        # The loader's stream is the same on every rank; the torch RNG is not, so each rank's is kept.
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if self.device_type == "cuda" else None}
+        run = pack(self.model_cfg, self.cfg, self.meta, self.state, loader=loader.state_dict(),
+                   rng=parallel.gather(rng, self.ranks), world_size=self.world_size, runtime=self.runtime)
+        save(run, self.raw_model, self.optimizer, self.cfg.out_dir, self.sharded, self.master)
 
     def finish(self, message, complete=False):
         self.bar.close()
         parallel.leave(self.ranks)  # (before rank 0's plots and samples)
         if self.master:
             print(message)
-            if complete and self.cfg.plots:
-                import plot
-                plot.plot_run(self.cfg.out_dir)
-            if complete and self.cfg.samples and self.sharded:
-                print(f"(no samples here: no rank holds the whole model. python checkpoint.py {self.cfg.out_dir} "
-                      f"writes it to one file, then python sample.py --out_dir={self.cfg.out_dir})")
-            elif complete and self.cfg.samples:
-                self.show_what_was_learned()
+        if not (self.master and complete):
+            return
+        from plot import plot_run, read_metrics  # (matplotlib loads only when a run ends)
+        if self.cfg.plots:
+            plot_run(self.cfg.out_dir)
+        if self.cfg.samples and self.sharded:
+            print(f"(no samples here: no rank holds the whole model. python checkpoint.py {self.cfg.out_dir} writes "
+                  f"it to one file, then python sample.py --out_dir={self.cfg.out_dir})")
+        elif self.cfg.samples:
+            lines = evaluation.show_samples(self.raw_model, self.tokenizer, self.corpora, self.problems, self.autocast)
+            lines += [""] + evaluation.stage_end_accuracy(read_metrics(self.cfg.out_dir), self.cfg.stages)
+            print("\n".join(lines))
 
 
 def main(argv):

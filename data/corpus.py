@@ -199,6 +199,20 @@ def check_token_ids(name, tokenizer, vocab_size):
                              f"ids: it was written by another tokenizer or is damaged; prepare the corpus again")
 
 
+def check_prepared(stages, tokenizer, eval_seq_len):
+    """Before a run starts, what its data must be, so that a bad corpus stops it now rather than mid-run: each
+    stage's mixture (its weights, and train splits long enough and whole for its seq_len), each corpus's val split
+    for eval_seq_len, and every token id within the tokenizer. stages: (name, mixture, seq_len) of each stage."""
+    for name, mixture, seq_len in stages:
+        try:
+            MixtureLoader(mixture, tokenizer.name, seq_len, 1)
+        except ValueError as e:
+            raise ValueError(f"stage {name!r}: {e}") from None
+    for corpus in dict.fromkeys(c for _, mixture, _ in stages for c in mixture):
+        MixtureLoader({corpus: 1.0}, tokenizer.name, eval_seq_len, 1, split="val")
+        check_token_ids(corpus, tokenizer.name, tokenizer.vocab_size)
+
+
 def mixture_tokenizer(names, tokenizer):
     """The one Tokenizer the corpora of a run share (char alphabets, made per corpus, must agree)."""
     metas = {name: read_meta(name, tokenizer) for name in names}

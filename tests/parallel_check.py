@@ -75,7 +75,7 @@ def check_sharded_build(rank, world):
     experts = sum(w.numel() for m in whole.moe_layers() for w in (m.w1, m.w3, m.w2))
     rest = whole.num_params() - experts
     torch.manual_seed(0)
-    model = parallel.build_sharded(whole.config, "fsdp", world, "cpu", bf16=False, verbose=False)
+    model = parallel.build(whole.config, "fsdp", world, "cpu", bf16=False, verbose=False)
     for (name, w), ref in zip(model.named_parameters(), whole.parameters()):
         assert torch.equal(w.full_tensor(), ref), name
     assert model.lm_head.weight is model.wte.weight  # still tied
