@@ -70,6 +70,14 @@ def causal_attention(q, k, v, window=None):
 SCORES_PER_CALL = 2 ** 21  # attention scores per SDPA call in the local kernel (8 MB in fp32)
 
 
+def local_blocks(T, window, B, Hkv, g):
+    """The blocked kernel's shapes for T queries: (queries per block c, blocks nb, keys per block span, blocks per
+    SDPA call), for B sequences of Hkv K/V heads with g query heads each."""
+    c = min(window, T)
+    span = c + window - 1
+    return c, math.ceil(T / c), span, max(1, SCORES_PER_CALL // (B * Hkv * g * c * span))
+
+
 def _local_attention(q, k, v, window):
     """Sliding-window attention in time and memory linear in T: cut the queries into blocks of `window`;
     each block needs only the keys from `window - 1` positions before its first query to its last query,
@@ -80,14 +88,12 @@ def _local_attention(q, k, v, window):
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     g, w = Hq // Hkv, window
-    c = min(w, T)                                            # queries per block
+    c, nb, span, per_call = local_blocks(T, w, B, Hkv, g)   # queries per block, blocks, keys per block, per call
     # Keys older than the first query's window are never seen: drop them. Then pad the front so that
     # block b's key span starts exactly at index b*c, and pad the end so every span is complete.
     first = max(0, S - T - (w - 1))
     k, v = k[:, :, first:], v[:, :, first:]
     front = (w - 1) - (S - first - T)                        # zero keys before the first real key
-    nb = math.ceil(T / c)                                    # number of query blocks
-    span = c + w - 1
     back = nb * c + w - 1 - (front + k.shape[2])
     k = F.pad(k, (0, 0, front, back))
     v = F.pad(v, (0, 0, front, back))
@@ -102,7 +108,6 @@ def _local_attention(q, k, v, window):
     band = (j >= r) & (j <= r + w - 1)                       # (c, span)
     real = torch.arange(nb * c + w - 1, device=q.device).unfold(0, span, c) >= front  # (nb, span)
     mask = (band[None] & real[:, None, :]).repeat(1, g, 1)   # (nb, g*c, span)
-    per_call = max(1, SCORES_PER_CALL // (B * Hkv * g * c * span))  # blocks per SDPA call
     out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, attn_mask=ms) for qs, ks, vs, ms in zip(
         qb.flatten(0, 1).split(per_call, 1), kb.flatten(0, 1).split(per_call, 1),
         vb.flatten(0, 1).split(per_call, 1), mask.split(per_call, 0))], dim=1)

@@ -30,9 +30,9 @@ import torch
 
 import cli
 from cli import need
-from attention import GLOBAL, LOCAL, SCORES_PER_CALL, causal_attention, rope_cache, sliding_window_block_mask
+from attention import GLOBAL, LOCAL, causal_attention, local_blocks, rope_cache, sliding_window_block_mask
 from evaluation import flops_per_token, mfu, peak_flops
-from model import GPT, PRESETS, compiled, init_weights, kv_cache_bytes, preset
+from model import GPT, PRESETS, compiled, init_weights, kv_cache_bytes, kv_cache_ratio, preset
 from parallel import memory_per_rank
 from router import MoE, RouterConfig, SwiGLU
 
@@ -194,17 +194,16 @@ def bench_attention(cfg, dtype):
 def bench_kv_cache():
     rows = []
     shapes = {name: preset(name) for name in ("tiny", "gpt2_124m", "yi_lightning_like")}
-    # The issue's reference shape: 12 layers, 3 local : 1 global, window 4096, sharing between global pairs.
+    # 12 layers, 3 local : 1 global, window 4096, sharing between global pairs: pairs that do not divide evenly.
     shapes["12L_w4096"] = preset("gpt2_124m", window=4096, block_size=65536)
     for name, config in shapes.items():
-        baseline = replace(config, attn_pattern="G", share_kv=False)
         for context in (4096, 16384, 65536):
-            hybrid, full = kv_cache_bytes(config, context), kv_cache_bytes(baseline, context)
+            hybrid, ratio = kv_cache_bytes(config, context), kv_cache_ratio(config, context)
             kinds = config.layout()
             formula = (kinds.count(GLOBAL) + kinds.count(LOCAL) * min(1, config.window / context)) / len(kinds)
             layout = "".join(kinds) if len(kinds) <= 12 else "".join(kinds[:8]) + f"...({len(kinds)})"
             rows.append({"model": name, "layout": layout, "context": context, "hybrid_MiB": hybrid / 2 ** 20,
-                         "all_global_MiB": full / 2 ** 20, "ratio": hybrid / full, "formula": formula})
+                         "all_global_MiB": hybrid / ratio / 2 ** 20, "ratio": ratio, "formula": formula})
     return rows
 
 
@@ -298,10 +297,8 @@ def local_attention_bytes(config, context, batch_size=1):
     masked-SDPA call would also turn the mask into a bf16 bias padded to 16. CUDA's FlexAttention kernel:
     the block mask, measured (its tensors built here), and no scores at all."""
     w, g, d = config.window, config.n_head // config.n_kv_head, config.n_embd // config.n_head
-    c = min(w, context)
-    nb, span = math.ceil(context / c), c + w - 1
+    c, nb, span, per_call = local_blocks(context, w, batch_size, config.n_kv_head, g)
     mask = nb * g * c * span
-    per_call = max(1, SCORES_PER_CALL // (batch_size * config.n_kv_head * g * c * span))
     block_mask = sliding_window_block_mask(context, context, w, "cpu")
     flex = sum(t.numel() * t.element_size() for t in vars(block_mask).values() if isinstance(t, torch.Tensor))
     return {"shape": f"T={context} w={w} {config.n_head}/{config.n_kv_head} heads of {d}", "mask_GiB": mask / 2 ** 30,

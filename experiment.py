@@ -37,8 +37,8 @@ import torch
 import cli
 import evaluation
 from attention import GLOBAL, LOCAL, SHARED
-from model import kv_cache_bytes, preset
-from plot import read_metrics, stage_starts
+from model import kv_cache_bytes, kv_cache_ratio, preset
+from plot import read_metrics, save, stage_starts
 from checkpoint import load_run
 from sample import show_experts
 
@@ -161,12 +161,6 @@ def bpb_rows(runs, corpora):
     return [[arm] + [cell([last_eval(r)["val_bpb"][c] for r in dirs]) for c in corpora] for arm, dirs in runs.items()]
 
 
-def save(fig, folder, name):
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, name), dpi=110)
-    plt.close(fig)
-
-
 def error_bars(ax, x, per_seed, **kw):
     """A line through the seed means, with bars from the lowest to the highest seed."""
     means = [sum(v) / len(v) for v in per_seed]
@@ -251,7 +245,7 @@ def hybrid(cfg, runs, folder):
                         a["all_global"]["val_bpb"][c]) for c in corpora]
     verdicts.append(compare("training tokens/s", "hybrid", a["hybrid"]["train_tokens_per_s"], "all_global",
                             a["all_global"]["train_tokens_per_s"], higher_is_better=True, digits=0))
-    verdicts.append(f"KV cache at 64K: hybrid / all-global = {kv['hybrid'][65536] / kv['all_global'][65536]:.3f} "
+    verdicts.append(f"KV cache at 64K: hybrid / all-global = {kv_cache_ratio(models['hybrid'].config, 65536):.3f} "
                     f"(the trained shape); decoding {cfg.decode_tokens} tokens: hybrid "
                     f"{a['hybrid']['decode']['tokens_per_s'] / a['all_global']['decode']['tokens_per_s']:.2f}x "
                     f"the tokens/s of all-global")

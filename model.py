@@ -10,6 +10,7 @@ GPTConfig; `GPTConfig.layout()` gives each layer's attention kind (attention.LOC
 the blocks, the KV cache and the FLOP count all read. The router's settings are one RouterConfig (router.py).
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Optional
@@ -112,6 +113,13 @@ def kv_cache_bytes(config, context, dtype=torch.bfloat16):
     """Bytes of the KV cache of one sequence of `context` positions, measured on the cache object itself, built
     on the meta device (no memory): how bench.py and experiment.py size caches of models too large to build."""
     return kv_cache(config, 1, context, device="meta", dtype=dtype).nbytes()
+
+
+def kv_cache_ratio(config, context):
+    """The KV cache of this layout at `context` over that of the same model with every layer global and no K/V
+    shared: what hybrid attention saves (README, "KV-cache arithmetic")."""
+    all_global = dataclasses.replace(config, attn_pattern=GLOBAL, share_kv=False)
+    return kv_cache_bytes(config, context) / kv_cache_bytes(all_global, context)
 
 
 class LossParts(NamedTuple):
