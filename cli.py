@@ -97,40 +97,53 @@ def _comments(schema):
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, flags=re.M))
 
 
-def help_text(schemas, nested=(), allow_file=True):
-    """Every setting of the schemas (and, listed apart, of the nested ones, e.g. a training stage's)."""
+def help_text(schemas, nested=(), allow_file=True, groups=None):
+    """Every setting of the schemas, then of each group (named prefix.key), then, listed apart, of the nested
+    ones (e.g. a training stage's)."""
     if not schemas:
         return "This script takes no settings."
     how = "--key=value, or key = value in a config/<run>.py given first" if allow_file else "--key=value"
+    sections = [(s, "", f"{s.__name__} settings ({how})") for s in schemas]
+    sections += [(s, p + ".", f"{s.__name__} settings (--{p}.key=value, or {p} = dict(key=value) in a config file)")
+                 for p, s in (groups or {}).items()]
+    sections += [(s, "", f"{s.__name__} settings (keys of each entry)") for s in nested]
     lines = []
-    for schema, title in [(s, f"{s.__name__} settings ({how})") for s in schemas] + \
-                         [(s, f"{s.__name__} settings (keys of each entry)") for s in nested]:
+    for schema, prefix, title in sections:
         lines.append(f"\n{title}:")
         notes = _comments(schema)
         for f in dataclasses.fields(schema):
             if dataclasses.is_dataclass(f.type):
-                continue  # its own fields are listed as flat settings
+                continue  # a group of its own
             default = f.default if f.default is not dataclasses.MISSING else (
                 "(required)" if f.default_factory is dataclasses.MISSING else f.default_factory())
-            lines.append(f"  --{f.name}  ({_type_name(f.type)}, default {default!r})  {notes.get(f.name, '')}")
+            lines.append(f"  --{prefix}{f.name}  ({_type_name(f.type)}, default {default!r})  {notes.get(f.name, '')}")
     return "\n".join(lines)
 
 
-def parse(argv, *schemas, allow_file=True, nested=()):
+def parse(argv, *schemas, allow_file=True, nested=(), groups=None):
     """Settings from [config.py] [--key=value ...] as a dict {field name: checked value}, for the fields of
-    the given dataclasses (only the names that were set). `nested` dataclasses are only documented: their
-    settings go inside another setting (a stage's inside `stages`), and naming one at the top level says so.
+    the given dataclasses (only the names that were set). `groups` ({prefix: dataclass}) are settings named
+    prefix.key (--router.top_p=0.5), or set together in a config file (router = dict(top_p=0.5)), so that a name
+    means one thing on every command line. `nested` dataclasses are only documented: their settings go inside
+    another setting (a stage's inside `stages`), and naming one at the top level says so.
     --help (or -h) prints every setting and exits."""
+    groups = groups or {}
     if "--help" in argv or "-h" in argv:
-        print(help_text(schemas, nested, allow_file))
+        print(help_text(schemas, nested, allow_file, groups))
         raise SystemExit(0)
     known = {f.name: f.type for schema in schemas for f in dataclasses.fields(schema)
              if not dataclasses.is_dataclass(f.type)}
+    known.update({f"{p}.{f.name}": f.type for p, schema in groups.items() for f in dataclasses.fields(schema)})
     inner = {f.name: schema for schema in nested for f in dataclasses.fields(schema)}
 
     def check(key, value, where):
         if key in known:
             return _check(key, value, known[key])
+        grouped = [f"{p}.{key}" for p in groups if f"{p}.{key}" in known]
+        if grouped:
+            raise ConfigError(f"unknown setting {key!r} in {where}; did you mean {grouped[0]}? ({key} alone is not "
+                              f"a setting here: --{grouped[0]}=..., or {grouped[0].split('.')[0]} = dict({key}=...) "
+                              f"in a config file)")
         if key in inner:
             raise ConfigError(f"{key!r} in {where} is a setting of each {inner[key].__name__.lower()}, not of "
                               f"the run: put it inside each entry, e.g. stages = [dict(name=..., {key}=...)]")
@@ -145,7 +158,12 @@ def parse(argv, *schemas, allow_file=True, nested=()):
             settings[key] = check(key, _parse_value(raw) if eq else True, f"--{key}")
         elif allow_file and arg.endswith(".py"):
             for key, value in _read_file(arg, namespace).items():
-                settings[key] = check(key, value, arg)
+                if key in groups:  # router = dict(top_p=0.5): each key is router.<key>
+                    if not isinstance(value, dict):
+                        raise ConfigError(f"{key} in {arg} must be a dict of {key} settings; got {value!r}")
+                    settings.update({f"{key}.{k}": check(f"{key}.{k}", v, arg) for k, v in value.items()})
+                else:
+                    settings[key] = check(key, value, arg)
         else:
             raise ConfigError(f"unexpected argument {arg!r}: settings are --key=value"
                               + (" after an optional config/<run>.py" if allow_file else ""))

@@ -153,12 +153,12 @@ def load_config(argv):
     """TrainConfig, GPTConfig and the run's Tokenizer from [config.py] [--key=value ...]; vocab_size comes from
     the tokenizer. Every stage is checked here, before anything runs: a bad value in the last stage stops the
     run at once."""
-    settings = cli.parse(argv, TrainConfig, GPTConfig, RouterConfig, nested=(Stage,))
+    settings = cli.parse(argv, TrainConfig, GPTConfig, groups={"router": RouterConfig}, nested=(Stage,))
     train_cfg = cli.build(TrainConfig, settings)
     tokenizer = mixture_tokenizer(train_cfg.corpora(), train_cfg.tokenizer)
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    model_settings = {**PRESETS.get(train_cfg.preset, {}),
-                      **{k: v for k, v in settings.items() if k not in train_names}}
+    model_settings = {**PRESETS.get(train_cfg.preset, {}),  # (make_config takes the router's settings unprefixed)
+                      **{k.removeprefix("router."): v for k, v in settings.items() if k not in train_names}}
     model_settings.setdefault("vocab_size", 64 * math.ceil(tokenizer.vocab_size / 64))  # pad: faster matmuls
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE
     layout_error = parallel.check_layout(train_cfg.parallel, train_cfg.ep, world_size,

@@ -123,7 +123,10 @@ def stages_arg(*stages):
     (stages_arg(stage(router={"top_p": "0.5"})), "stage 'a': router setting top_p must be float"),
     (stages_arg(stage(warmup=3)), "warmup (3) must be shorter than the stage"),
     (["--batch_size=4"], "'batch_size' in --batch_size is a setting of each stage"),
-    (["--top_k=5"], "top_k (5) cannot exceed n_experts (4)"),
+    (["--router.top_k=5"], "top_k (5) cannot exceed n_experts (4)"),
+    (["--top_p=0.5"], "unknown setting 'top_p' in --top_p; did you mean router.top_p?"),  # (sample.py's name)
+    (["--router.top_pp=0.5"], "unknown setting 'router.top_pp' in --router.top_pp; did you mean router.top_p"),
+    (["--router.top_p=high"], "router.top_p must be float"),
     (["--device=banana"], "device must be auto, cpu, cuda or cuda:N"),
     pytest.param(["--device=cuda"], "torch sees no CUDA GPU here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
@@ -147,6 +150,18 @@ def test_bad_configs_exit_with_a_message_and_write_nothing(corpora, tmp_path, ar
     assert not out_dir.exists()
 
 
+def test_router_settings_in_a_config_file_are_one_dict(corpora, tmp_path):
+    # router = dict(...) sets the router's settings from the start; a bare top_k (sample.py's name) is refused.
+    config = write_config(tmp_path / "r.py", tmp_path / "r", stages=[{**STAGES[0], "steps": 3, "warmup": 1}],
+                          router={"routing": "top_k", "top_k": 3})
+    result = run([sys.executable, "train.py", config])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {(r["routing"][0], r["experts_per_token"][0]) for r in train_records(tmp_path / "r")} == {("top_k", 3.0)}
+    bare = write_config(tmp_path / "b.py", tmp_path / "b", top_k=3)
+    result = run([sys.executable, "train.py", bare])
+    assert result.returncode == 1 and "did you mean router.top_k?" in result.stderr and not (tmp_path / "b").exists()
+
+
 def test_syntax_error_in_a_config_file_names_file_and_line(corpora, tmp_path):
     config = tmp_path / "broken.py"
     config.write_text("lr = 1e-3\nstages = [dict(name='a',\n")
@@ -155,7 +170,7 @@ def test_syntax_error_in_a_config_file_names_file_and_line(corpora, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("script,setting", [("train.py", "--eval_seq_len"), ("train.py", "--top_p"),
+@pytest.mark.parametrize("script,setting", [("train.py", "--eval_seq_len"), ("train.py", "--router.top_p"),
                                             ("train.py", "--n_kv_head"), ("sample.py", "--top_p"),
                                             ("bench.py", "--repeats"), ("experiment.py", "--seeds")])
 def test_help_lists_every_setting_with_its_meaning(script, setting):
@@ -286,7 +301,7 @@ def test_mismatched_and_corrupt_checkpoints_are_refused(corpora, tmp_path):
     for args, names in [(["--n_embd=64"], ["n_embd"]), (["--lr=2e-3", "--beta2=0.99"], ["lr", "beta2"]),
                         (["--seed=8", "--weight_decay=0.0"], ["seed", "weight_decay"]),
                         (["--grad_clip=0.5", "--dtype=bfloat16"], ["grad_clip", "dtype"]),
-                        (["--entropy_loss=0.0"], ["router"]), ([changed_router], ["stages"])]:
+                        (["--router.entropy_loss=0.0"], ["router"]), ([changed_router], ["stages"])]:
         other = run([sys.executable, "train.py", config] + args)
         assert other.returncode != 0 and "different run" in other.stderr, other.stderr[-2000:]
         for name in names:
