@@ -40,7 +40,7 @@ from router import MoE, RouterConfig, SwiGLU
 @dataclass
 class BenchConfig:
     device: str = "cpu"                 # "cpu", "cuda", "cuda:1", ... or "auto" (cuda if there is one)
-    preset: str = "tiny"                # model for sections 1 and 5 (a name from model.PRESETS)
+    preset: str = "tiny_8x64"           # model for sections 1 and 5 (a name from model.PRESETS)
     batch_size: int = 8                 # section 1: sequences per training step
     seq_len: int = 128                  # section 1: tokens per sequence
     window: int = 256                   # section 2: the local layer's window
@@ -117,8 +117,8 @@ def bench_training(cfg, dtype):
 
 
 def nano_training_step(cfg, dtype):
-    """training_step at nanoGPT's CPU shape: nano_char, 12 sequences of 64, the 65 characters (padded to 128)."""
-    return training_step(cfg, preset("nano_char", vocab_size=128), 12, 64, dtype, n_ids=65)
+    """training_step at nanoGPT's CPU shape: nanogpt_4x128, 12 sequences of 64, the 65 characters (padded to 128)."""
+    return training_step(cfg, preset("nanogpt_4x128", vocab_size=128), 12, 64, dtype, n_ids=65)
 
 
 def bench_step_parts(cfg, dtype):
@@ -193,9 +193,9 @@ def bench_attention(cfg, dtype):
 
 def bench_kv_cache():
     rows = []
-    shapes = {name: preset(name) for name in ("tiny", "gpt2_124m", "yi_lightning_like")}
+    shapes = {name: preset(name) for name in ("tiny_8x64", "gpt2_trunk_64e", "yi_lightning_like")}
     # 12 layers, 3 local : 1 global, window 4096, sharing between global pairs: pairs that do not divide evenly.
-    shapes["12L_w4096"] = preset("gpt2_124m", window=4096, block_size=65536)
+    shapes["12L_w4096"] = preset("gpt2_trunk_64e", window=4096, block_size=65536)
     for name, config in shapes.items():
         for context in (4096, 16384, 65536):
             hybrid, ratio = kv_cache_bytes(config, context), kv_cache_ratio(config, context)
@@ -265,7 +265,7 @@ def bench_decode(cfg, name, vocab_size, context=1024, new_tokens=64):
 
 
 def bench_decode_layouts(cfg, contexts=(1024, 8192), new_tokens=64):
-    """Decoding with the cache after a 1K and an 8K prompt at nanoGPT's shape (nano_char: LLLG, window 32), hybrid
+    """Decoding with the cache after a 1K and an 8K prompt at nanoGPT's shape (nanogpt_4x128: LLLG, window 32), hybrid
     vs all-global, side by side: decode tokens/s (the prefill timed apart and taken off) and cache bytes. Random
     weights: this measures speed, not text."""
     rows = []
@@ -273,7 +273,7 @@ def bench_decode_layouts(cfg, contexts=(1024, 8192), new_tokens=64):
         models = {}
         for layout, override in (("hybrid", {}), ("all_global", {"attn_pattern": "G"})):
             torch.manual_seed(0)
-            config = preset("nano_char", block_size=context + new_tokens, vocab_size=65, **override)
+            config = preset("nanogpt_4x128", block_size=context + new_tokens, vocab_size=65, **override)
             models[layout] = GPT(config, verbose=False).to(cfg.device).eval()
         prompt = torch.randint(0, 65, (1, context), device=cfg.device)
         fns = {}
@@ -329,7 +329,7 @@ def memory_rows(worlds=(8, 64, 2048)):
     """parallel.memory_per_rank for the presets, with ep = gcd(world, n_experts): the most ranks that split
     the experts evenly (the model is built on the meta device: no memory)."""
     rows = []
-    for name in ("nano_char", "gpt2_124m", "yi_lightning_like"):
+    for name in ("nanogpt_4x128", "gpt2_trunk_64e", "yi_lightning_like"):
         config = preset(name)
         with torch.device("meta"):
             model = GPT(config, verbose=False)
@@ -370,13 +370,13 @@ def main(argv):
                 ("4. MoE (16 experts, top-2) vs dense MLP of the same active FLOPs, fwd+bwd", "moe",
                  lambda: bench_moe(cfg, dtype)),
                 ("5. decoding at a 1024-token context: KV cache vs recomputing", "decode",
-                 lambda: [bench_decode(cfg, cfg.preset, 50304), bench_decode(cfg, "nano_char", 65)]),
+                 lambda: [bench_decode(cfg, cfg.preset, 50304), bench_decode(cfg, "nanogpt_4x128", 65)]),
                 ("6. local attention kernels: memory each builds per sequence (CPU: blocked SDPA; CUDA: FlexAttention)",
-                 "local_attention_bytes", lambda: [local_attention_bytes(preset("gpt2_124m"), 1024),
+                 "local_attention_bytes", lambda: [local_attention_bytes(preset("gpt2_trunk_64e"), 1024),
                                                    local_attention_bytes(preset("yi_lightning_like"), 65536)]),
                 ("7. compiled training step (aot_eager): frames Dynamo compiles, then after seq_len doubles",
                  "compiled_graphs", lambda: compiled_step_graphs(cfg)),
-                ("8. nanoGPT's shape (nano_char, 12 x 64 tokens): where a training step's time goes", "step_parts",
+                ("8. nanoGPT's shape (nanogpt_4x128, 12 x 64 tokens): where a training step's time goes", "step_parts",
                  lambda: bench_step_parts(cfg, dtype)),
                 ("9. the same step under torch.profiler: top ops by self time (profiler overhead included)",
                  "top_ops", lambda: profile_top_ops(cfg, dtype)),

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import cli
+from cli import need
 from checkpoint import load_run
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -51,14 +52,13 @@ class CompareConfig:
 
     def __post_init__(self):
         missing = [f for f in NEEDED if not os.path.isfile(os.path.join(self.nanogpt, f))]
-        if not self.nanogpt or missing:
-            raise ValueError("--nanogpt must name a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT)"
-                             + (f"; {self.nanogpt} lacks {', '.join(missing)}" if self.nanogpt else ""))
-        if self.work_dir and os.path.exists(self.work_dir):
-            raise ValueError(f"work_dir {self.work_dir} exists: name a new folder (or none, for a temporary one)")
+        lacks = f"; {self.nanogpt} lacks {', '.join(missing)}" if self.nanogpt else ""
+        need(self.nanogpt and not missing,
+             f"--nanogpt must name a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT){lacks}")
+        need(not (self.work_dir and os.path.exists(self.work_dir)),
+             f"work_dir {self.work_dir} exists: name a new folder (or none, for a temporary one)")
         for name in ("decode_tokens", "rounds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+            need(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
 
 
 def git_blob(path):

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 import cli
+from cli import need
 import evaluation
 from attention import GLOBAL, LOCAL, SHARED
 from model import kv_cache_bytes, kv_cache_ratio, preset
@@ -53,31 +54,28 @@ class ExperimentConfig:
     decode_tokens: int = 4096           # hybrid: tokens decoded to time decoding and its memory at long context
 
     def __post_init__(self):
-        if not (self.seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds)
-                and len(set(self.seeds)) == len(self.seeds)):
-            raise ValueError(f"seeds must be a non-empty list of distinct whole numbers, e.g. [1, 2]; "
-                             f"got {self.seeds!r}")
-        if not (math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"scale must be > 0; got {self.scale}")
-        if self.decode_tokens < 1:
-            raise ValueError(f"decode_tokens must be >= 1; got {self.decode_tokens}")
+        need(self.seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds)
+             and len(set(self.seeds)) == len(self.seeds),
+             f"seeds must be a non-empty list of distinct whole numbers, e.g. [1, 2]; got {self.seeds!r}")
+        need(math.isfinite(self.scale) and self.scale > 0, f"scale must be > 0; got {self.scale}")
+        need(self.decode_tokens >= 1, f"decode_tokens must be >= 1; got {self.decode_tokens}")
 
 
-C = "config/experiments/"
+ARM_DIR = "config/experiments/"
 # experiment -> arm -> the config files of its runs, in order (later files build on earlier ones)
 ARMS = {
-    "hybrid": {"all_global": [C + "hybrid.py", C + "hybrid_all_global.py"],
-               "hybrid": [C + "hybrid.py", C + "hybrid_hybrid.py"]},
-    "routing": {"dense": [C + "routing.py", C + "routing_dense.py"],
-                "top2": [C + "routing.py", C + "routing_top2.py"],
-                "top_p": [C + "routing.py", C + "routing_top_p.py"]},
+    "hybrid": {"all_global": [ARM_DIR + "hybrid.py", ARM_DIR + "hybrid_all_global.py"],
+               "hybrid": [ARM_DIR + "hybrid.py", ARM_DIR + "hybrid_hybrid.py"]},
+    "routing": {"dense": [ARM_DIR + "routing.py", ARM_DIR + "routing_dense.py"],
+                "top2": [ARM_DIR + "routing.py", ARM_DIR + "routing_top2.py"],
+                "top_p": [ARM_DIR + "routing.py", ARM_DIR + "routing_top_p.py"]},
     "stages": {"three_stages": ["config/default.py"],  # the quickstart run itself
-               "one_stage": ["config/default.py", C + "stages.py"]},
-    "long_context": {"none": [C + "long_context.py", C + "long_context_none.py"],
-                     "same_base": [C + "long_context.py", C + "long_context_same_base.py"],
-                     "raised_base": [C + "long_context.py", C + "long_context_raised_base.py"]},
+               "one_stage": ["config/default.py", ARM_DIR + "stages.py"]},
+    "long_context": {"none": [ARM_DIR + "long_context.py", ARM_DIR + "long_context_none.py"],
+                     "same_base": [ARM_DIR + "long_context.py", ARM_DIR + "long_context_same_base.py"],
+                     "raised_base": [ARM_DIR + "long_context.py", ARM_DIR + "long_context_raised_base.py"]},
 }
-SETTINGS = {"stages": ["--eval_interval=250"]}  # settings every run of an experiment adds (an accuracy curve)
+EXTRA_SETTINGS = {"stages": ["--eval_interval=250"]}  # what every run of an experiment adds (an accuracy curve)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -99,7 +97,7 @@ def scaled_stages(files, scale):
 def train_command(cfg, name, arm, seed):
     out = os.path.join(cfg.out_dir, name, arm, f"seed{seed}")
     cmd = [sys.executable, "train.py", *ARMS[name][arm], f"--seed={seed}", f"--out_dir={out}", "--samples=False",
-           "--plots=False", *SETTINGS.get(name, [])]
+           "--plots=False", *EXTRA_SETTINGS.get(name, [])]
     if cfg.scale != 1:
         cmd.append(f"--stages={scaled_stages(ARMS[name][arm], cfg.scale)!r}")
     return cmd, out
@@ -513,14 +511,14 @@ def long_context(cfg, runs, folder):
 EXPERIMENTS = {"hybrid": hybrid, "routing": routing, "stages": stages, "long_context": long_context}
 
 
-def plain(x):
+def json_ready(x):
     """JSON-ready: NaN (a correlation with a constant) becomes None; tuples become lists."""
     if isinstance(x, float):
         return None if math.isnan(x) else x
     if isinstance(x, dict):
-        return {str(k): plain(v) for k, v in x.items()}
+        return {str(k): json_ready(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [plain(v) for v in x]
+        return [json_ready(v) for v in x]
     return x
 
 
@@ -537,7 +535,7 @@ def run_experiment(cfg, name):
                    runs={arm: [" ".join(shlex.quote(c) for c in train_command(cfg, name, arm, s)[0][1:])
                                for s in cfg.seeds] for arm in runs}, verdicts=verdicts)
     with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump(plain(results), f, indent=1)
+        json.dump(json_ready(results), f, indent=1)
     report = ([f"# Experiment: {name}", "", f"`{command}`: {len(cfg.seeds)} seeds ({', '.join(map(str, cfg.seeds))}) "
                f"per arm, {minutes:.1f} minutes on this machine. Cells: mean ± half the range over seeds.", ""]
               + lines + ["", "Verdicts (a difference counts only when the seed ranges do not overlap):", ""]

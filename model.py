@@ -371,17 +371,19 @@ def compiled(model, backend="inductor"):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Named shapes. train.py configs start from one of these; bench.py uses them for the arithmetic.
+# Named shapes, each named for what it is: layers x width, or the model whose shape it takes. train.py configs
+# start from one of these; bench.py uses them for the arithmetic.
 
 PRESETS = {
-    # A few seconds per hundred steps on a laptop CPU: tests and the quickstart.
-    "tiny": dict(n_layer=8, n_head=4, n_kv_head=2, n_embd=64, block_size=128, window=32, share_kv=True,
-                 n_experts=8),
-    # nanoGPT's shakespeare_char CPU shape (4 layers, 4 heads, 128 wide, block 64), made hybrid + MoE.
-    "nano_char": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=64, window=32, n_experts=8),
-    # GPT-2-124M-class trunk for one GPU: 12 layers, 12 heads, 768 wide, 1024 context, 64 experts.
-    "gpt2_124m": dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024, window=256, share_kv=True,
-                      n_experts=64, n_shared=2, expert_hidden=512),
+    # 8 layers, 64 wide: the tests, the hybrid and long-context experiments.
+    "tiny_8x64": dict(n_layer=8, n_head=4, n_kv_head=2, n_embd=64, block_size=128, window=32, share_kv=True,
+                      n_experts=8),
+    # nanoGPT's shakespeare_char CPU shape (4 layers, 4 heads, 128 wide, block 64), made hybrid + MoE: the quickstart.
+    "nanogpt_4x128": dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=128, block_size=64, window=32, n_experts=8),
+    # GPT-2 small's trunk (12 layers, 12 heads, 768 wide, 1024 context; GPT-2 small itself has 124M parameters) with 64
+    # routed experts and 2 shared per MoE layer: 0.92B parameters in all, for one GPU or more.
+    "gpt2_trunk_64e": dict(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=1024, window=256,
+                           share_kv=True, n_experts=64, n_shared=2, expert_hidden=512),
     # A large Yi-Lightning-like shape for parameter and KV-cache arithmetic only (not trained here). The
     # report does not publish Yi-Lightning's dimensions; these are assumptions of the right magnitude.
     "yi_lightning_like": dict(n_layer=64, n_head=64, n_kv_head=8, n_embd=8192, block_size=65536, window=4096,

@@ -3,7 +3,7 @@ Multi-stage training on one CPU, one GPU, or many GPUs and nodes (parallel.py sa
 
     python train.py config/default.py                 # the three-stage CPU run of the quickstart
     python train.py --help                            # every setting, with its default and meaning
-    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py [--parallel=fsdp] [--ep=8]
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_trunk_64e.py [--parallel=fsdp] [--ep=8]
 
 A run is a list of stages (Yi-Lightning trains this way), each with its own data mixture, budget, sequence
 length, batch, learning-rate phase, RoPE base and router settings. Checkpoints (checkpoint.py) carry everything

@@ -5,7 +5,7 @@
 #   stage 3  anneal   fast linear decay on upsampled arithmetic (the "high-quality" data): the last quarter of steps
 # python train.py config/default.py   then   python sample.py --out_dir=out/default --start="ROMEO:"
 out_dir = "out/default"
-preset = "nano_char"
+preset = "nanogpt_4x128"
 tokenizer = "byte"
 block_size = 128
 lr = 2e-3

@@ -2,7 +2,7 @@
 # cosine to 1e-4, warmup 100), with hybrid attention (LLLG, window 32) and top-p MoE, for side-by-side
 # comparison with nanoGPT's own run of that recipe: python bench_nanogpt.py --nanogpt=PATH (docs/results.md).
 out_dir = "out/shakespeare_char"
-preset = "nano_char"
+preset = "nanogpt_4x128"
 lr = 1e-3
 weight_decay = 0.1
 beta2 = 0.99

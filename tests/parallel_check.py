@@ -71,7 +71,7 @@ def check_sharded_build(rank, world):
     """FSDP + EP built shard by shard: the weights are exactly one process's from the same seed, and each rank's
     local elements are about 1/world of everything but the experts and 1/ep of those."""
     torch.manual_seed(0)
-    whole = GPT(preset("tiny", vocab_size=64), verbose=False)
+    whole = GPT(preset("tiny_8x64", vocab_size=64), verbose=False)
     experts = sum(w.numel() for m in whole.moe_layers() for w in (m.w1, m.w3, m.w2))
     rest = whole.num_params() - experts
     torch.manual_seed(0)

@@ -75,13 +75,13 @@ def test_a_difference_inside_the_seed_spread_is_no_difference():
 
 
 def test_kv_cache_bytes_measured_on_the_cache_equal_the_formula_and_a_hand_count():
-    # tiny: LLLGLLLS, 2 K/V heads of 16, window 32, bf16. At 4096 positions: six local layers keep 32 positions,
+    # tiny_8x64: LLLGLLLS, 2 K/V heads of 16, window 32, bf16. At 4096 positions: six local layers keep 32 positions,
     # one global keeps 4096, the sharing one none; each kept position holds K and V: 2 * 2 * 16 * 2 bytes.
     per_position = 2 * 2 * 16 * 2
-    config = preset("tiny")
+    config = preset("tiny_8x64")
     assert kv_cache_bytes(config, 4096) == experiment.kv_formula(config, 4096) == \
         per_position * (6 * 32 + 4096)
-    full = preset("tiny", attn_pattern="G", share_kv=False)
+    full = preset("tiny_8x64", attn_pattern="G", share_kv=False)
     assert kv_cache_bytes(full, 4096) == experiment.kv_formula(full, 4096) == per_position * 8 * 4096
     yi = preset("yi_lightning_like")
     assert kv_cache_bytes(yi, 65536) == experiment.kv_formula(yi, 65536)

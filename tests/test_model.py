@@ -112,7 +112,7 @@ def test_presets_build():
     for name in PRESETS:
         config = preset(name)
         assert config.n_embd % config.n_head == 0
-    GPT(preset("tiny", vocab_size=128), verbose=False)
+    GPT(preset("tiny_8x64", vocab_size=128), verbose=False)
 
 
 @torch.no_grad()

@@ -242,5 +242,5 @@ def test_the_grouped_gemm_path_is_admitted_only_where_it_is_known_to_be_right():
 
 def test_describe_says_when_experts_cannot_take_the_grouped_path_on_a_gpu():
     from model import GPT, preset
-    assert "one at a time" in GPT(preset("tiny", expert_hidden=44), verbose=False).describe()
-    assert "one at a time" not in GPT(preset("tiny", expert_hidden=48), verbose=False).describe()
+    assert "one at a time" in GPT(preset("tiny_8x64", expert_hidden=44), verbose=False).describe()
+    assert "one at a time" not in GPT(preset("tiny_8x64", expert_hidden=48), verbose=False).describe()

@@ -3,7 +3,7 @@
 # the command line sets the attention. Run one arm alone:
 #   python train.py config/experiments/hybrid.py config/experiments/hybrid_all_global.py
 # 8 layers so that LLLG holds two global layers to pair; dense MLPs, so that attention is the only difference.
-preset = "tiny"
+preset = "tiny_8x64"
 n_dense_layers = 8
 block_size = 256
 window = 64                        # at seq_len 256 a local layer sees a quarter of the context

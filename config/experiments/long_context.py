@@ -4,7 +4,7 @@
 #   python train.py config/experiments/long_context.py config/experiments/long_context_raised_base.py
 # The hybrid model of experiment "hybrid" (8 layers, LLLG with shared K/V, dense MLPs), window 64: the local
 # layers never look further back than in the first stage, so only the two global layers meet new distances.
-preset = "tiny"
+preset = "tiny_8x64"
 n_dense_layers = 8
 block_size = 512
 window = 64

@@ -4,7 +4,7 @@
 # nanoGPT's CPU shape (4 layers, 128 wide). The MoE arms' layers 2-4 have 8 routed experts of hidden 86 + 1
 # shared; the first layer is a dense SwiGLU as wide as those 9 experts together (9 x 86 = 774), so that the
 # dense arm, 774 wide in every layer, has the same total parameters (less the MoE arms' three small routers).
-preset = "nano_char"
+preset = "nanogpt_4x128"
 mlp_hidden = 774
 expert_hidden = 86
 block_size = 128

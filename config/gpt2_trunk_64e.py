@@ -1,11 +1,11 @@
 # GPT-2-124M-class trunk with 64 fine-grained experts (2 shared), hybrid attention, for one or more GPUs:
-#   torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
+#   torchrun --standalone --nproc_per_node=8 train.py config/gpt2_trunk_64e.py
 # Tokens per optimizer step: batch_size * seq_len * grad_accum * GPUs = 16 * 1024 * 4 * 8 = 524,288 on 8 GPUs.
 # Offline it trains on the local corpora; with a network, prepare FineWeb-Edu with data/text/prepare.py
 # --name=fineweb --fineweb_docs=... and put it in the first stage's mixture.
-out_dir = "out/gpt2_124m"
+out_dir = "out/gpt2_trunk_64e"
 tokenizer = "gpt2"
-preset = "gpt2_124m"
+preset = "gpt2_trunk_64e"
 lr = 6e-4
 eval_interval = 250
 eval_iters = 20
