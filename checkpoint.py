@@ -24,6 +24,7 @@ import dataclasses
 import errno
 import json
 import os
+import pickle
 import shutil
 import sys
 
@@ -301,15 +302,62 @@ def save_sharded(model, optimizer, run, out_dir):
     dist.barrier()
 
 
+# torch.distributed.checkpoint unpickles two things with plain pickle, which can run code: the folder's .metadata,
+# and every non-tensor item of the shards. So the first is read here through an unpickler that admits only DCP's
+# own metadata types, and each of the second must load with weights_only=True before DCP unpickles it.
+
+METADATA_TYPES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                  ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+                  ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dtype or module == "torch.distributed.checkpoint.metadata" or (module, name) in METADATA_TYPES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which no checkpoint's metadata holds")
+
+
+def check_metadata(folder):
+    """SystemExit unless folder/.metadata holds only a DCP checkpoint's metadata (nothing that could run code)."""
+    path = os.path.join(folder, ".metadata")
+    try:
+        with open(path, "rb") as f:
+            MetadataUnpickler(f).load()
+    except Exception as e:
+        raise SystemExit(f"refusing the sharded checkpoint {folder}: its .metadata is not a checkpoint's metadata "
+                         f"({type(e).__name__}: {str(e)[:200]}); it may have been made to run code. Move the folder "
+                         f"away, or resume from a checkpoint you trust") from None
+
+
+def data_only(planner_class):
+    """planner_class whose non-tensor items must load with weights_only=True before DCP unpickles them."""
+    class DataOnly(planner_class):
+        def load_bytes(self, read_item, value):
+            try:
+                torch.load(value, weights_only=True)
+            except Exception as e:
+                raise ValueError(f"item {read_item.dest_index.fqn} is not data ({type(e).__name__}): refusing to "
+                                 f"unpickle it") from None
+            value.seek(0)
+            super().load_bytes(read_item, value)
+    return DataOnly
+
+
 def load_sharded(model, optimizer, folder, model_cfg, train_cfg, world_size):
     """The run state of the sharded checkpoint in folder (SystemExit if it belongs to another run or another
-    layout), after loading this rank's part of the weights and optimizer state into model and optimizer."""
+    layout, or holds anything but data), after loading this rank's part of the weights and optimizer state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    check_metadata(folder)
     run = same_run(read(os.path.join(folder, "run.pt")), folder, model_cfg, train_cfg, world_size)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=folder)
+    try:
+        dcp.load(state, checkpoint_id=folder, planner=data_only(dcp.DefaultLoadPlanner)())
+    except (ValueError, dcp.CheckpointException) as e:
+        raise SystemExit(f"refusing the sharded checkpoint {folder}: {str(e)[:300]}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return run
 
@@ -317,16 +365,22 @@ def load_sharded(model, optimizer, folder, model_cfg, train_cfg, world_size):
 def consolidate(out_dir):
     """out_dir's newest sharded checkpoint as one file, out_dir/ckpt.pt, with whole tensors: what sample.py loads.
     One process, no GPU, no torchrun; it holds the whole checkpoint (weights and Adam state) in memory once."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
     folder = latest_sharded(out_dir)
     if folder is None:
         raise SystemExit(f"no sharded checkpoint in {out_dir} (it would be {os.path.join(out_dir, SHARDED)}): "
                          f"name the out_dir of a run trained with parallel='fsdp' or ep > 1")
+    check_metadata(folder)
     run = read(os.path.join(folder, "run.pt"))
-    whole = os.path.join(out_dir, "consolidating.tmp")
-    dcp_to_torch_save(folder, whole)
-    model = torch.load(whole, map_location="cpu", weights_only=True)["model"]
-    os.remove(whole)
+    whole = {}  # (what torch's dcp_to_torch_save does, with a planner that unpickles data only)
+    try:
+        _load_state_dict(whole, storage_reader=FileSystemReader(folder),
+                         planner=data_only(_EmptyStateDictLoadPlanner)(), no_dist=True)
+    except (ValueError, CheckpointException) as e:
+        raise SystemExit(f"refusing the sharded checkpoint {folder}: {str(e)[:300]}") from None
+    model = whole["model"]
     path = os.path.join(out_dir, "ckpt.pt")
     save_atomic(pack(run["model_config"], run["train_config"], run["meta"], run["state"], model=model,
                      consolidated_from=folder), path)

@@ -135,6 +135,44 @@ def test_bad_layouts_stop_with_a_message_and_write_nothing(corpora, tmp_path, np
     assert not out.exists()
 
 
+class WritesAFile:  # what a planted pickle could do: here, leave a file behind
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_planted_pickle_in_a_sharded_checkpoint_runs_no_code(runs, tmp_path):
+    import pickle
+    import shutil
+    out = tmp_path / "planted"
+    shutil.copytree(runs["fsdp"], out)
+    folder = out / "sharded" / (out / "sharded" / "latest").read_text().strip()
+    marker = tmp_path / "code_ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(WritesAFile(marker)))
+    done = run([sys.executable, "checkpoint.py", str(out)])
+    assert done.returncode == 1 and "refusing the sharded checkpoint" in done.stderr, done.stderr[-2000:]
+    assert "posix.system" in done.stderr and "Traceback" not in done.stderr and not (out / "ckpt.pt").exists()
+    config = write_config(tmp_path / "again.py", out)
+    done = run(TORCHRUN + ["--nproc_per_node=2", "train.py", config, "--parallel=fsdp"])
+    assert done.returncode != 0 and "refusing the sharded checkpoint" in done.stderr, done.stderr[-2000:]
+    assert not marker.exists()
+
+
+def test_a_sharded_item_that_is_not_data_is_refused_before_it_is_unpickled(tmp_path):
+    import io
+    import pickle
+    from types import SimpleNamespace
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from checkpoint import data_only
+    marker = tmp_path / "code_ran"
+    item = SimpleNamespace(dest_index=SimpleNamespace(fqn="optimizer.param_groups"))
+    with pytest.raises(ValueError, match="optimizer.param_groups is not data"):
+        data_only(DefaultLoadPlanner)().load_bytes(item, io.BytesIO(pickle.dumps(WritesAFile(marker))))
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("nproc, flags, differ", [
     (3, ["--parallel=fsdp"], "world_size: checkpoint 2, now 3"),
     (2, [], "parallel: checkpoint 'fsdp', now 'ddp'"),
