@@ -16,6 +16,7 @@ in its dataclass, so the documentation cannot drift from the code.
 
 import ast
 import dataclasses
+import math
 import difflib
 import inspect
 import re
@@ -66,7 +67,9 @@ def _check(key, value, kind):
             return None
         kind = next(a for a in args if a is not type(None))
         origin = typing.get_origin(kind)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # (inf and nan pass every bound below them, and break the run later)
+            raise ConfigError(f"{key} must be a finite number; got {value}")
         return float(value)
     expected = origin or kind
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
@@ -180,6 +183,9 @@ def _read_file(path, namespace):
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except SyntaxError as e:
         raise ConfigError(f"syntax error in config file {path}, line {e.lineno}: {e.msg}") from None
+    except SystemExit as e:
+        raise ConfigError(f"config file {path} called sys.exit({e.code!r}) while it ran: a config file only assigns "
+                          f"settings") from None
     except Exception as e:  # the file is Python: it can fail in any way while it runs
         raise ConfigError(f"config file {path} failed while running: {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items()
@@ -187,13 +193,9 @@ def _read_file(path, namespace):
 
 
 def valid_device(name):
-    """Whether torch can parse a device name ("auto", which resolve_device resolves, always can)."""
-    import torch
-    try:
-        torch.device("cpu" if name == "auto" else name)
-        return True
-    except (RuntimeError, TypeError):
-        return False
+    """Whether name is a device this project runs on: auto, cpu, cuda or cuda:N (torch knows more, such as mps or
+    xpu, but the code has paths for these alone)."""
+    return isinstance(name, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
 
 
 def resolve_device(name):

@@ -59,6 +59,8 @@ class ExperimentConfig:
              f"seeds must be a non-empty list of distinct whole numbers, e.g. [1, 2]; got {self.seeds!r}")
         need(math.isfinite(self.scale) and self.scale > 0, f"scale must be > 0; got {self.scale}")
         need(self.decode_tokens >= 1, f"decode_tokens must be >= 1; got {self.decode_tokens}")
+        need(self.out_dir.strip() != "", "out_dir must name a folder; got an empty one (the runs would land in "
+             "this folder)")
 
 
 ARM_DIR = "config/experiments/"

@@ -74,6 +74,8 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
         if not self.rope_base > 1:
             raise ValueError(f"rope_base must be > 1; got {self.rope_base}")
+        if not 0 < self.norm_eps < 1:
+            raise ValueError(f"norm_eps must be in (0, 1); got {self.norm_eps}")
         self.router.check(self.n_experts)
         if self.mlp_hidden is None:
             self.mlp_hidden = 8 * ((8 * self.n_embd // 3 + 7) // 8)
@@ -345,7 +347,7 @@ class GPT(nn.Module):
             if temperature == 0 or top_k == 1:
                 next_token = logits.argmax(-1, keepdim=True)
             else:
-                probs = (logits / temperature).softmax(-1)
+                probs = ((logits - logits.amax(-1, keepdim=True)) / temperature).softmax(-1)  # (no inf - inf)
                 if top_k is not None:
                     probs = probs * top_k_mask(probs, min(top_k, probs.shape[-1]))
                 if top_p is not None:

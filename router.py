@@ -13,6 +13,7 @@ Read top to bottom: the router's settings, the selection rules, the losses, then
 dispatch. Imports only torch.
 """
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional, get_args
 
@@ -48,6 +49,8 @@ class RouterConfig:
             if not fits or isinstance(value, bool):
                 names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
                 raise ValueError(f"router setting {f.name} must be {names}; got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"router setting {f.name} must be a finite number; got {value}")
         bad = [f"{name} must be >= {low}; got {getattr(self, name)}" for name, low in
                [("top_k", 1), ("min_k", 1), ("n_expert_groups", 1), ("balance_loss", 0), ("group_balance_loss", 0),
                 ("entropy_loss", 0), ("z_loss", 0)] if not getattr(self, name) >= low]

@@ -23,6 +23,7 @@ import torch
 import cli
 from cli import need
 from checkpoint import load_run
+from model import kv_cache_bytes
 
 
 @dataclass
@@ -134,6 +135,15 @@ def main(argv):
         raise SystemExit(f"the prompt cannot be encoded: {e}. Use only characters the run was trained on.")
     if tokenizer.eot is not None:
         prompt = [tokenizer.eot] + prompt  # documents begin after an end-of-text token in training
+    if not prompt:
+        raise SystemExit(f"the prompt is empty, and the {tokenizer.name} tokenizer has no end-of-text token to start "
+                         f"from: give --start=TEXT")
+    need_bytes = kv_cache_bytes(model.config, len(prompt) + cfg.max_new_tokens, model.wte.weight.dtype)
+    have = (torch.cuda.mem_get_info(device)[0] if device.startswith("cuda")
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if need_bytes > have:
+        raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens} needs a KV cache of {need_bytes / 2 ** 30:,.1f} GiB "
+                         f"for one sequence; {have / 2 ** 30:,.1f} GiB is free here: ask for fewer tokens")
     idx = torch.tensor([prompt], device=device)
 
     for n in range(cfg.num_samples):

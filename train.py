@@ -71,6 +71,10 @@ class Stage:
                  f"{name} must be a whole number; got {value!r}")
         budget = self.steps if self.steps is not None else self.tokens
         need(budget >= 1, f"the budget must be >= 1; got {budget}")
+        for name in ("lr_start", "lr_end", "rope_base"):  # (a stage's dict does not pass through the parser)
+            value = getattr(self, name)
+            need(value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+                 and math.isfinite(value), f"{name} must be a finite number; got {value!r}")
         for name, low in [("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("lr_start", 0),
                           ("lr_end", 0)]:
             value = getattr(self, name)

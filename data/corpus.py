@@ -15,6 +15,7 @@ corpus, drawn with those weights, at a uniformly random offset.
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -242,8 +243,11 @@ class MixtureLoader:
         if not isinstance(mixture, dict) or not mixture:
             raise ValueError(f"a mixture must be a non-empty dict corpus -> weight; got {mixture!r}")
         for name, weight in mixture.items():
-            if not isinstance(weight, (int, float)) or not weight > 0:
-                raise ValueError(f"mixture weight of {name!r} must be a positive number; got {weight!r}")
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 < weight < math.inf:
+                raise ValueError(f"mixture weight of {name!r} must be a positive finite number; got {weight!r}")
+        if not math.isfinite(sum(mixture.values())):
+            raise ValueError(f"the mixture's weights must sum to a finite number (they are relative: 0.7 and 0.3, "
+                             f"or 7 and 3); got {mixture!r}")
         self.tokenizer = mixture_tokenizer(list(mixture), tokenizer)
         self.names = list(mixture)
         weights = np.array([mixture[n] for n in self.names], dtype=np.float64)

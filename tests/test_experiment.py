@@ -93,6 +93,12 @@ def test_scale_shortens_every_stage_and_its_warmup(corpora):
     assert stages[0]["warmup"] == 5 and stages[0]["mixture"]["arith"] == 0.28
 
 
+def test_an_empty_out_dir_is_refused():
+    result = subprocess.run([sys.executable, "experiment.py", "routing", "--out_dir="], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 1 and "out_dir must name a folder" in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("args,message", [
     (["routing", "--seeds=[]"], "seeds must be a non-empty list"),
     (["routing", "--seeds=[1, 1]"], "distinct"),

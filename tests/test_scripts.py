@@ -35,6 +35,9 @@ def char_run(tmp_path_factory, corpora):
     (["--start=Grüße €"], "the prompt cannot be encoded: characters not in the char tokenizer's alphabet"),
     (["--out_dir=/no/such/run"], "no checkpoint at /no/such/run/ckpt.pt"),
     (["--max_new_tokens=ten"], "max_new_tokens must be int"),
+    (["--start="], "the prompt is empty, and the char tokenizer has no end-of-text token"),
+    (["--max_new_tokens=1000000000000"], "needs a KV cache of"),
+    (["--device=mps"], "device must be auto, cpu, cuda or cuda:N"),
 ])
 def test_sample_bad_inputs(char_run, args, message):
     before = sorted(os.listdir(char_run))
@@ -99,3 +102,11 @@ def test_bench_nanogpt_gives_nanogpt_the_same_text(tmp_path):
     text = open(os.path.join(os.path.dirname(__file__), "..", "data", "shakespeare", "input.txt")).read()
     assert meta["vocab_size"] == 65 and len(train) == int(0.9 * len(text))
     assert "".join(meta["itos"][i] for i in np.concatenate([train, val])) == text
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token(char_run):
+    # logits / 1e-30 overflows to inf; the shift by the max keeps the softmax finite: the sample is the greedy one.
+    tiny, greedy = (run([sys.executable, "sample.py", f"--out_dir={char_run}", "--start=ROMEO:", "--max_new_tokens=20",
+                         f"--temperature={t}"]) for t in ("1e-30", "0"))
+    assert tiny.returncode == 0 and "Traceback" not in tiny.stderr, tiny.stderr[-2000:]
+    assert tiny.stdout.split("---")[2] == greedy.stdout.split("---")[2]

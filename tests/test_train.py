@@ -136,6 +136,20 @@ def stages_arg(*stages):
     (stages_arg(stage(seq_len="16")), "seq_len must be a whole number; got '16'"),
     (stages_arg(stage(name="")), "a stage needs a name"),
     (["--lr=1e999"], "lr must be a finite number; got inf"),
+    (["--norm_eps=1e999"], "norm_eps must be a finite number; got inf"),
+    (["--norm_eps=0"], "norm_eps must be in (0, 1); got 0.0"),
+    (["--router.z_loss=1e999"], "router.z_loss must be a finite number; got inf"),
+    (["--stages=[{'name': 'a', 'mixture': {'shakespeare': 1}, 'steps': 3, 'seq_len': 16, 'lr_end': 1e999}]"], "stage 'a': lr_end must be a finite number; got inf"),
+    (["--stages=[{'name': 'a', 'mixture': {'shakespeare': 1}, 'steps': 3, 'seq_len': 16, 'rope_base': 'big'}]"], "stage 'a': rope_base must be a finite number; got 'big'"),
+    (["--stages=[{'name': 'a', 'mixture': {'shakespeare': 1}, 'steps': 3, 'seq_len': 16, 'router': {'balance_loss': 1e999}}]"],
+     "router setting balance_loss must be a finite number; got inf"),
+    (["--stages=[{'name': 'a', 'mixture': {'shakespeare': 1e999}, 'steps': 3, 'seq_len': 16}]"],
+     "stage 'a': mixture weight of 'shakespeare' must be a positive finite number; got inf"),
+    (["--tokenizer=byte", "--stages=[{'name': 'a', 'mixture': {'shakespeare': 1e308, 'code': 1e308}, 'steps': 3, "
+      "'seq_len': 16}]"],
+     "the mixture's weights must sum to a finite number"),
+    (["--device=mps"], "device must be auto, cpu, cuda or cuda:N; got 'mps'"),
+    (["--device=meta"], "device must be auto, cpu, cuda or cuda:N; got 'meta'"),
     (["--out_dir="], "out_dir must name a folder"),
     (["--out_dir=README.md"], "out_dir README.md is a file, not a folder"),
     (["--out_dir=README.md/run"], "cannot write in out_dir README.md/run"),
@@ -160,6 +174,14 @@ def test_router_settings_in_a_config_file_are_one_dict(corpora, tmp_path):
     bare = write_config(tmp_path / "b.py", tmp_path / "b", top_k=3)
     result = run([sys.executable, "train.py", bare])
     assert result.returncode == 1 and "did you mean router.top_k?" in result.stderr and not (tmp_path / "b").exists()
+
+
+def test_a_config_file_that_exits_is_refused(corpora, tmp_path):
+    config = tmp_path / "exits.py"
+    config.write_text("import sys\nsys.exit(0)\n")
+    result = run([sys.executable, "train.py", str(config), f"--out_dir={tmp_path / 'never'}"])
+    assert result.returncode == 1 and f"config file {config} called sys.exit(0)" in result.stderr, result.stderr
+    assert not (tmp_path / "never").exists()
 
 
 def test_syntax_error_in_a_config_file_names_file_and_line(corpora, tmp_path):
