@@ -65,16 +65,14 @@ class Stage:
         need(isinstance(self.name, str) and self.name, "a stage needs a name (a non-empty string)")
         need(isinstance(self.mixture, dict) and self.mixture, "mixture must name at least one corpus")
         need((self.steps is None) != (self.tokens is None), "give exactly one budget: steps or tokens")
-        for name in ("steps", "tokens", "seq_len", "batch_size", "grad_accum", "warmup"):
-            value = getattr(self, name)
-            need(value is None or isinstance(value, int) and not isinstance(value, bool),
-                 f"{name} must be a whole number; got {value!r}")
+        for name in ("steps", "tokens", "seq_len", "batch_size", "grad_accum", "warmup", "lr_start", "lr_end",
+                     "rope_base"):  # (types first: a stage's dict does not pass through the parser)
+            value, whole = getattr(self, name), name not in ("lr_start", "lr_end", "rope_base")
+            fits = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+            need(value is None or fits and (whole or math.isfinite(value)),
+                 f"{name} must be {'a whole number' if whole else 'a finite number'}; got {value!r}")
         budget = self.steps if self.steps is not None else self.tokens
         need(budget >= 1, f"the budget must be >= 1; got {budget}")
-        for name in ("lr_start", "lr_end", "rope_base"):  # (a stage's dict does not pass through the parser)
-            value = getattr(self, name)
-            need(value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
-                 and math.isfinite(value), f"{name} must be a finite number; got {value!r}")
         for name, low in [("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("lr_start", 0),
                           ("lr_end", 0)]:
             value = getattr(self, name)
@@ -231,8 +229,7 @@ class Trainer:
         self.corpora = cfg.corpora()
         self.problems = (evaluation.read_problems(cfg.arith_per_level)
                          if "arith" in self.corpora and cfg.arith_per_level > 0 else [])
-        # Every rank starts from the same weights (under FSDP or EP each builds only its part), then draws its
-        # own randomness.
+        # Every rank starts from the same weights (FSDP and EP build only their part), then draws its own randomness.
         torch.manual_seed(cfg.seed)
         self.sharded = parallel.sharded(cfg.parallel, cfg.ep)
         self.raw_model = parallel.build(model_cfg, cfg.parallel, cfg.ep, self.device, self.bf16, self.master)
@@ -400,8 +397,7 @@ class Trainer:
         self.log({"kind": "eval", "step": state["global_step"], "tokens": state["tokens"], "stage": s, **measured})
         if self.master:
             tqdm.write(f"step {state['global_step']} stage {s} ({stage.name}): {evaluation.summary(measured)}")
-        bpb = measured["val_bpb"]
-        mean_bpb = sum(bpb.values()) / len(bpb)
+        mean_bpb = sum(measured["val_bpb"].values()) / len(measured["val_bpb"])
         if state["best_val"] is None or mean_bpb < state["best_val"]:
             state["best_val"] = mean_bpb
             if not self.sharded:

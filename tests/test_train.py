@@ -139,9 +139,12 @@ def stages_arg(*stages):
     (["--norm_eps=1e999"], "norm_eps must be a finite number; got inf"),
     (["--norm_eps=0"], "norm_eps must be in (0, 1); got 0.0"),
     (["--router.z_loss=1e999"], "router.z_loss must be a finite number; got inf"),
-    (["--stages=[{'name': 'a', 'mixture': {'shakespeare': 1}, 'steps': 3, 'seq_len': 16, 'lr_end': 1e999}]"], "stage 'a': lr_end must be a finite number; got inf"),
-    (["--stages=[{'name': 'a', 'mixture': {'shakespeare': 1}, 'steps': 3, 'seq_len': 16, 'rope_base': 'big'}]"], "stage 'a': rope_base must be a finite number; got 'big'"),
-    (["--stages=[{'name': 'a', 'mixture': {'shakespeare': 1}, 'steps': 3, 'seq_len': 16, 'router': {'balance_loss': 1e999}}]"],
+    (["--stages=[{'name': 'a', 'mixture': {'shakespeare': 1}, 'steps': 3, "
+      "'seq_len': 16, 'lr_end': 1e999}]"], "stage 'a': lr_end must be a finite number; got inf"),
+    (["--stages=[{'name': 'a', 'mixture': {'shakespeare': 1}, 'steps': 3, "
+      "'seq_len': 16, 'rope_base': 'big'}]"], "stage 'a': rope_base must be a finite number; got 'big'"),
+    (["--stages=[{'name': 'a', 'mixture': {'shakespeare': 1}, 'steps': 3, "
+      "'seq_len': 16, 'router': {'balance_loss': 1e999}}]"],
      "router setting balance_loss must be a finite number; got inf"),
     (["--stages=[{'name': 'a', 'mixture': {'shakespeare': 1e999}, 'steps': 3, 'seq_len': 16}]"],
      "stage 'a': mixture weight of 'shakespeare' must be a positive finite number; got inf"),
