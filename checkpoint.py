@@ -82,6 +82,7 @@ def save_atomic(obj, path):
 
 
 LOCK = "train.lock"
+CKPT = "ckpt.pt"  # a whole-model run's checkpoint in out_dir (a sharded run's is the folder SHARDED)
 
 
 def claim_out_dir(cfg):
@@ -91,7 +92,7 @@ def claim_out_dir(cfg):
     out_dir, lock = cfg.out_dir, os.path.join(cfg.out_dir, LOCK)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SystemExit(f"out_dir {out_dir} is a file, not a folder: choose another --out_dir")
-    held = [name for name in ("ckpt.pt", SHARDED) if os.path.exists(os.path.join(out_dir, name))]
+    held = [name for name in (CKPT, SHARDED) if os.path.exists(os.path.join(out_dir, name))]
     if not cfg.resume and held:
         raise SystemExit(f"out_dir {out_dir} holds a run ({held[0]}), and --resume=False would overwrite it. To "
                          f"start over, delete that folder (rm -r {out_dir}) or use another --out_dir.")
@@ -161,7 +162,7 @@ def resume(train_cfg, model_cfg, model, optimizer, world_size, rank, cuda):
     and optimizer and this rank's RNG restored; None when out_dir holds no checkpoint yet. A sharded checkpoint
     comes first (a run with another layout is refused there, as parallel and ep are settings it records, like the
     world size). The model's router settings and RoPE base travel inside its state dict."""
-    folder, path = latest_sharded(train_cfg.out_dir), os.path.join(train_cfg.out_dir, "ckpt.pt")
+    folder, path = latest_sharded(train_cfg.out_dir), os.path.join(train_cfg.out_dir, CKPT)
     if folder is not None:
         ckpt, where = load_sharded(model, optimizer, folder, model_cfg, train_cfg, world_size), folder
     elif os.path.exists(path):
@@ -184,7 +185,7 @@ def save(run, model, optimizer, out_dir, sharded, master):
         save_sharded(model, optimizer, run, out_dir)
     elif master:
         save_atomic({**run, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                    os.path.join(out_dir, "ckpt.pt"))
+                    os.path.join(out_dir, CKPT))
 
 
 def runtime_changes(then, now):
@@ -202,7 +203,7 @@ def last_checkpoint(out_dir, sharded):
     """The newest complete checkpoint of the run in out_dir (its sharded folder, or ckpt.pt), or None."""
     if sharded:
         return latest_sharded(out_dir)
-    path = os.path.join(out_dir, "ckpt.pt")
+    path = os.path.join(out_dir, CKPT)
     return path if os.path.exists(path) else None
 
 
@@ -381,7 +382,7 @@ def consolidate(out_dir):
     except (ValueError, CheckpointException) as e:
         raise SystemExit(f"refusing the sharded checkpoint {folder}: {str(e)[:300]}") from None
     model = whole["model"]
-    path = os.path.join(out_dir, "ckpt.pt")
+    path = os.path.join(out_dir, CKPT)
     save_atomic(pack(run["model_config"], run["train_config"], run["meta"], run["state"], model=model,
                      consolidated_from=folder), path)
     return path

@@ -16,9 +16,9 @@ in its dataclass, so the documentation cannot drift from the code.
 
 import ast
 import dataclasses
-import math
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
