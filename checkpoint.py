@@ -53,17 +53,32 @@ def start_metrics(path, resumed_step):
     The checkpoint is the truth: keep what the stopped run logged up to it (those steps do not run again), drop a
     line cut short by a kill during a write, and start the log afresh if it is gone."""
     kept = []
-    if resumed_step is not None and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record["step"] <= resumed_step:
-                    kept.append(json.dumps(record) + "\n")
-    with open(path, "w") as f:
-        f.writelines(kept)
+    try:
+        if resumed_step is not None and os.path.exists(path):
+            with open(path, errors="replace") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(record, dict) and isinstance(record.get("step"), int) and \
+                            record["step"] <= resumed_step:  # (a line that is not a record is dropped too)
+                        kept.append(json.dumps(record) + "\n")
+        with open(path, "w") as f:
+            f.writelines(kept)
+    except OSError as e:
+        raise SystemExit(f"could not write {path} ({e.strerror}): disk full, or the folder not writable? Fix that "
+                         f"and run the same command again") from None
+
+
+def append_metrics(path, record):
+    """One line of metrics.jsonl; a failed write (a full disk) stops the run in one line, its checkpoint intact."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise SystemExit(f"could not append to {path} ({e.strerror}): disk full, or the folder no longer writable? "
+                         f"The run's checkpoint is intact: fix that and run the same command again to resume") from None
 
 
 def save_atomic(obj, path):
@@ -92,10 +107,13 @@ def claim_out_dir(cfg):
     out_dir, lock = cfg.out_dir, os.path.join(cfg.out_dir, LOCK)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SystemExit(f"out_dir {out_dir} is a file, not a folder: choose another --out_dir")
-    held = [name for name in (CKPT, SHARDED) if os.path.exists(os.path.join(out_dir, name))]
+    held = [name for name in (CKPT, SHARDED, "best.pt", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, name))]
     if not cfg.resume and held:
-        raise SystemExit(f"out_dir {out_dir} holds a run ({held[0]}), and --resume=False would overwrite it. To "
-                         f"start over, delete that folder (rm -r {out_dir}) or use another --out_dir.")
+        raise SystemExit(f"out_dir {out_dir} holds a run ({', '.join(held)}), and --resume=False would overwrite it. "
+                         f"To start over, delete that folder (rm -r {out_dir}) or use another --out_dir.")
+    if held and not set(held) & {CKPT, SHARDED}:
+        print(f"out_dir {out_dir} holds a run stopped before its first checkpoint ({', '.join(held)}): starting it "
+              f"over")
     for attempt in range(2):
         try:
             os.makedirs(out_dir, exist_ok=True)
@@ -110,8 +128,13 @@ def claim_out_dir(cfg):
             continue
         except OSError as e:
             raise SystemExit(f"cannot write in out_dir {out_dir} ({e.strerror}): choose a folder you can write to")
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as e:
+            os.remove(lock)
+            raise SystemExit(f"cannot write the lock {lock} ({e.strerror}): disk full? Free space and run the same "
+                             f"command again") from None
         atexit.register(lambda: lock_owner(lock) == os.getpid() and os.remove(lock))
         return
     raise SystemExit(f"could not take the lock {lock}: another run keeps taking it")
@@ -141,7 +164,27 @@ def load_checkpoint(path, model_cfg, train_cfg, world_size):
         raise SystemExit(f"{path} is not a resumable checkpoint written by train.py" +
                          (" (it was consolidated from a sharded checkpoint, for sample.py; the run resumes from "
                           f"{os.path.join(os.path.dirname(path), SHARDED)})" if "consolidated_from" in ckpt else ""))
+    check_resumable({**ckpt, "model": None}, path)
     return same_run(ckpt, path, model_cfg, train_cfg, world_size)
+
+
+# What a checkpoint train.py resumes from holds besides its weights and optimizer state (pack's parts), and its state.
+RUN_KEYS = {"model_config": dict, "train_config": dict, "meta": dict, "state": dict, "loader": dict, "rng": list,
+            "world_size": int}
+STATE_KEYS = {"stage": int, "step": int, "global_step": int, "tokens": int, "best_val": (float, type(None))}
+
+
+def check_resumable(ckpt, path):
+    """SystemExit naming what is missing or of the wrong kind, unless ckpt holds everything a run resumes from."""
+    wrong = [f"{key} (missing)" if key not in ckpt else f"{key} (not a {kind.__name__})"
+             for key, kind in RUN_KEYS.items() if not isinstance(ckpt.get(key), kind)]
+    state = ckpt.get("state") if isinstance(ckpt.get("state"), dict) else {}
+    wrong += [f"state.{key}" for key, kind in STATE_KEYS.items() if state and not isinstance(state.get(key), kind)]
+    if not wrong and len(ckpt["rng"]) != ckpt["world_size"]:
+        wrong.append(f"rng (one per rank: {len(ckpt['rng'])} for world size {ckpt['world_size']})")
+    if wrong:
+        raise SystemExit(f"{path} is not a checkpoint train.py can resume from: {', '.join(wrong)}. It is damaged, "
+                         f"or from another program: move it away to start over")
 
 
 def read(path):
@@ -167,14 +210,19 @@ def resume(train_cfg, model_cfg, model, optimizer, world_size, rank, cuda):
         ckpt, where = load_sharded(model, optimizer, folder, model_cfg, train_cfg, world_size), folder
     elif os.path.exists(path):
         ckpt, where = load_checkpoint(path, model_cfg, train_cfg, world_size), path
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
     else:
         return None
-    rng = ckpt["rng"][rank]
-    torch.set_rng_state(rng["cpu"])
-    if cuda and rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
+    try:  # (every part was checked for presence; what is inside may still not fit)
+        if folder is None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        rng = ckpt["rng"][rank]
+        torch.set_rng_state(rng["cpu"])
+        if cuda and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
+    except Exception as e:
+        raise SystemExit(f"{where} does not fit this run's model ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+                         f". It is damaged, or from another version of the code: move it away to start over") from None
     return ckpt, where
 
 
@@ -207,6 +255,18 @@ def last_checkpoint(out_dir, sharded):
     return path if os.path.exists(path) else None
 
 
+def good_checkpoint(path, saved_at, global_step):
+    """What a run that met a non-finite number at global_step says of its last checkpoint (path, or None; saved_at:
+    its global step). A checkpoint is good only once a step ran from it with finite numbers: one saved just before
+    the failing step holds the very weights that gave the failure, and resuming it fails again."""
+    if path is None:
+        return "No checkpoint was written before it."
+    if saved_at == global_step:
+        return (f"The last checkpoint, {path}, holds the weights that gave it (saved after the step before), so "
+                f"resuming it stops here again.")
+    return f"The last good checkpoint is {path} (global step {saved_at})."
+
+
 def same_run(ckpt, path, model_cfg, train_cfg, world_size):
     """ckpt if its settings are this run's (but for FREE_TO_CHANGE), else SystemExit naming each difference."""
     now = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg), "world_size": world_size}
@@ -224,6 +284,8 @@ def load_run(out_dir, which="ckpt", device="cpu"):
     """(model, tokenizer) from a run directory, or SystemExit with a message that says what is wrong. The
     model routes as it last trained: its router settings travel in its state dict."""
     path = os.path.join(out_dir, f"{which}.pt")
+    if os.path.isfile(out_dir):
+        raise SystemExit(f"{out_dir} is a file; --out_dir names the folder train.py wrote a run into")
     if not os.path.isfile(path) and latest_sharded(out_dir) is not None:
         raise SystemExit(f"no {which}.pt in {out_dir}: that run's checkpoint is sharded over its ranks. "
                          f"python checkpoint.py {out_dir} writes it to {path}")
@@ -258,11 +320,20 @@ SHARDED = "sharded"
 
 def latest_sharded(out_dir):
     """The folder of the newest complete sharded checkpoint in out_dir, or None."""
+    latest = os.path.join(out_dir, SHARDED, "latest")
     try:
-        with open(os.path.join(out_dir, SHARDED, "latest")) as f:
-            return os.path.join(out_dir, SHARDED, f.read().strip())
-    except FileNotFoundError:
+        with open(latest) as f:
+            folder = os.path.join(out_dir, SHARDED, f.read().strip())
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"cannot read {latest} ({e}): it should be a file naming the newest step_N folder beside "
+                         f"it; write that name into it, or move {os.path.join(out_dir, SHARDED)} away") from None
+    if not os.path.isdir(folder) or os.path.dirname(folder) != os.path.join(out_dir, SHARDED):
+        raise SystemExit(f"{latest} names {os.path.basename(folder)!r}, which is not a checkpoint folder beside it: "
+                         f"write the name of the newest step_N folder into it, or move "
+                         f"{os.path.join(out_dir, SHARDED)} away")
+    return folder
 
 
 def save_sharded(model, optimizer, run, out_dir):
@@ -346,19 +417,29 @@ def data_only(planner_class):
     return DataOnly
 
 
+def dcp_failure(e):
+    """One line for what DCP met: a CheckpointException (a BaseException) carries each failing rank's exception."""
+    failures = getattr(e, "failures", None) or {None: (e, None)}
+    first = next(iter(failures.values()))[0]
+    return (f"{type(first).__name__}: {' '.join(str(first).split())[:240]}" +
+            (f" (on rank(s) {', '.join(map(str, failures))})" if None not in failures else ""))
+
+
 def load_sharded(model, optimizer, folder, model_cfg, train_cfg, world_size):
     """The run state of the sharded checkpoint in folder (SystemExit if it belongs to another run or another
     layout, or holds anything but data), after loading this rank's part of the weights and optimizer state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     check_metadata(folder)
-    run = same_run(read(os.path.join(folder, "run.pt")), folder, model_cfg, train_cfg, world_size)
+    run = read(os.path.join(folder, "run.pt"))
+    check_resumable(run, os.path.join(folder, "run.pt"))
+    run = same_run(run, folder, model_cfg, train_cfg, world_size)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         dcp.load(state, checkpoint_id=folder, planner=data_only(dcp.DefaultLoadPlanner)())
-    except (ValueError, dcp.CheckpointException) as e:
-        raise SystemExit(f"refusing the sharded checkpoint {folder}: {str(e)[:300]}") from None
+    except (Exception, dcp.CheckpointException) as e:  # (a planted item, a truncated shard)
+        raise SystemExit(f"refusing the sharded checkpoint {folder}: {dcp_failure(e)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return run
 
@@ -370,6 +451,8 @@ def consolidate(out_dir):
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
     folder = latest_sharded(out_dir)
+    if folder is None and os.path.isfile(out_dir):
+        raise SystemExit(f"{out_dir} is a file: name the folder train.py wrote a sharded run into")
     if folder is None:
         raise SystemExit(f"no sharded checkpoint in {out_dir} (it would be {os.path.join(out_dir, SHARDED)}): "
                          f"name the out_dir of a run trained with parallel='fsdp' or ep > 1")
@@ -379,8 +462,8 @@ def consolidate(out_dir):
     try:
         _load_state_dict(whole, storage_reader=FileSystemReader(folder),
                          planner=data_only(_EmptyStateDictLoadPlanner)(), no_dist=True)
-    except (ValueError, CheckpointException) as e:
-        raise SystemExit(f"refusing the sharded checkpoint {folder}: {str(e)[:300]}") from None
+    except (Exception, CheckpointException) as e:  # (a planted item, a truncated shard)
+        raise SystemExit(f"refusing the sharded checkpoint {folder}: {dcp_failure(e)}") from None
     model = whole["model"]
     path = os.path.join(out_dir, CKPT)
     save_atomic(pack(run["model_config"], run["train_config"], run["meta"], run["state"], model=model,

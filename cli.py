@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
 import re
 import types
 import typing
@@ -198,6 +199,40 @@ def valid_device(name):
     return isinstance(name, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
 
 
+def exit_on_signal(message):
+    """From now on, SIGINT (Ctrl-C) and SIGTERM end the process at once: message on stderr, exit code 128 + the
+    signal's number (the shell's convention). For the moments no other handler owns, such as train.py's start-up
+    (a KeyboardInterrupt raised inside an import comes out as a traceback, or as another module's ImportError)
+    and its end, after the run is saved."""
+    import signal
+    import sys
+
+    def end(signum, frame):
+        print(message, file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, end)
+
+
+def valid_seed(value):
+    """Whether value seeds numpy and torch alike, with room for the per-rank offset train.py adds: a whole number
+    in [0, 2**32)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 32
+
+
+def free_memory(device):
+    """Bytes a new allocation can take on device: the GPU's free memory, or the CPU's available memory (what the
+    kernel can hand out without swapping; all of it where /proc/meminfo is absent)."""
+    import torch
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def resolve_device(name):
     """The device a script runs on: "auto" is cuda where torch sees a GPU, else cpu. Naming a CUDA device
     torch cannot see stops the script with one line."""
@@ -205,6 +240,9 @@ def resolve_device(name):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"device {name!r}, but torch sees no CUDA GPU here: use --device=cpu (or auto)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise SystemExit(f"device {name!r}, but torch sees {torch.cuda.device_count()} GPU(s) here, cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -112,12 +112,18 @@ def summary(measured):
 
 def read_problems(n_per_level=None):
     """The arith val problems (data/arith/val_problems.jsonl), at most n_per_level of each level."""
-    taken, problems = defaultdict(int), []
-    with open(os.path.join(corpus_dir("arith"), "val_problems.jsonl")) as f:
-        for p in map(json.loads, f):
-            if n_per_level is None or taken[p["difficulty"]] < n_per_level:
-                taken[p["difficulty"]] += 1
-                problems.append(p)
+    taken, problems, path = defaultdict(int), [], os.path.join(corpus_dir("arith"), "val_problems.jsonl")
+    try:
+        with open(path) as f:
+            for p in map(json.loads, f):
+                if not (isinstance(p, dict) and {"prompt", "answer", "difficulty"} <= set(p)):
+                    raise ValueError("a line is not a problem (prompt, answer, difficulty)")
+                if n_per_level is None or taken[p["difficulty"]] < n_per_level:
+                    taken[p["difficulty"]] += 1
+                    problems.append(p)
+    except (OSError, ValueError) as e:  # (a JSONDecodeError is a ValueError)
+        raise SystemExit(f"cannot read the arith val problems {path} ({e}): prepare them again with `python "
+                         f"data/arith/prepare.py`, or set --arith_per_level=0 to score none") from None
     return problems
 
 

@@ -54,9 +54,8 @@ class ExperimentConfig:
     decode_tokens: int = 4096           # hybrid: tokens decoded to time decoding and its memory at long context
 
     def __post_init__(self):
-        need(self.seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds)
-             and len(set(self.seeds)) == len(self.seeds),
-             f"seeds must be a non-empty list of distinct whole numbers, e.g. [1, 2]; got {self.seeds!r}")
+        need(self.seeds and all(cli.valid_seed(s) for s in self.seeds) and len(set(self.seeds)) == len(self.seeds),
+             f"seeds must be a non-empty list of distinct whole numbers in [0, 2**32), e.g. [1, 2]; got {self.seeds!r}")
         need(math.isfinite(self.scale) and self.scale > 0, f"scale must be > 0; got {self.scale}")
         need(self.decode_tokens >= 1, f"decode_tokens must be >= 1; got {self.decode_tokens}")
         need(self.out_dir.strip() != "", "out_dir must name a folder; got an empty one (the runs would land in "

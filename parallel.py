@@ -35,6 +35,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cli
 from model import GPT, weight_inits
 from router import compute_dtype
 
@@ -158,12 +159,13 @@ def build(config, parallel, ep, device, bf16, verbose=True):
     allocated on `device` and filled with exactly the values a one-process GPT(config) gets from the same seed:
     model.weight_inits' draws, in its order, each weight made whole on the CPU one at a time (the largest single
     weight is the most any rank holds at once), of which it keeps its part."""
-    if not sharded(parallel, ep):
-        return GPT(config, verbose=verbose).to(device)
     with torch.device("meta"):
         model = GPT(config, verbose=verbose)
+    check_memory(model, parallel, ep, device)
+    if not sharded(parallel, ep):
+        return allocated(lambda: GPT(config, verbose=False).to(device), device)
     spread(model, parallel, ep, torch.device(device).type, bf16)
-    model.to_empty(device=device)
+    allocated(lambda: model.to_empty(device=device), device)
     model.tie_weights()  # (to_empty makes each module's weight anew, which unties a weight two modules share)
     with torch.no_grad():
         for w, std in weight_inits(model, config.n_layer):
@@ -172,6 +174,33 @@ def build(config, parallel, ep, device, bf16, verbose=True):
                 whole = distribute_tensor(whole, w.device_mesh, w.placements, src_data_rank=None)
             w.copy_(whole)
     return model
+
+
+def check_memory(model, parallel, ep, device):
+    """SystemExit, before anything is allocated, when this rank's part of the model (a meta-device GPT), with its
+    gradients and AdamW state, cannot fit in the device's free memory (the CPU's is shared by the ranks on it)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    n_params = model.num_params()
+    need = sum(memory_per_rank(n_params, n_params - model.num_params(active=True, experts_per_token=0), world,
+                               parallel, ep))
+    sharing = 1 if str(device).startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    free = cli.free_memory(device) // sharing
+    if need > free:
+        raise SystemExit(f"the model has {n_params:,} parameters: with their gradients and AdamW state that is "
+                         f"{need / 2 ** 30:,.1f} GiB per rank, and {free / 2 ** 30:,.1f} GiB is free on {device}: "
+                         f"choose a smaller model (n_layer, n_embd, n_experts), or shard it over more ranks "
+                         f"(parallel='fsdp', ep)")
+
+
+def allocated(make, device):
+    """make(), or SystemExit in one line when the allocator refuses (the estimate above leaves out activations)."""
+    try:
+        return make()
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        raise SystemExit(f"out of memory on {device} while building the model ({str(e)[:160]}): choose a smaller "
+                         f"model, or shard it over more ranks (parallel='fsdp', ep)") from None
 
 
 def clip_grad_norm_(params, max_norm):
@@ -254,6 +283,13 @@ def any_rank(flag, ranks, device):
     if ranks.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_finite(model, ranks, device, sharded):
+    """Whether every weight of the model is finite, on every rank when each holds only a part (sharded); with
+    whole models every rank holds the same weights, and asks no other."""
+    local = all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all().item() for p in model.parameters())
+    return not any_rank(not local, ranks, device) if sharded else local
 
 
 class StopSignal:

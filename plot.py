@@ -23,8 +23,16 @@ def read_metrics(out_dir):
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise SystemExit(f"no metrics.jsonl in {out_dir}: is it a run directory written by train.py?")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # (a line cut short by a kill during its write)
+                continue
+            if isinstance(record, dict) and record.get("kind") in ("train", "eval") and "step" in record:
+                records.append(record)
+    return records
 
 
 def stage_starts(train):

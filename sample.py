@@ -48,6 +48,7 @@ class SampleConfig:
         need(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 (or left out); got {self.top_k}")
         need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1] (or left out); got {self.top_p}")
         need(cli.valid_device(self.device), f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        need(cli.valid_seed(self.seed), f"seed must be a whole number in [0, 2**32); got {self.seed!r}")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -139,8 +140,7 @@ def main(argv):
         raise SystemExit(f"the prompt is empty, and the {tokenizer.name} tokenizer has no end-of-text token to start "
                          f"from: give --start=TEXT")
     need_bytes = kv_cache_bytes(model.config, len(prompt) + cfg.max_new_tokens, model.wte.weight.dtype)
-    have = (torch.cuda.mem_get_info(device)[0] if device.startswith("cuda")
-            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    have = cli.free_memory(device)
     if need_bytes > have:
         raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens} needs a KV cache of {need_bytes / 2 ** 30:,.1f} GiB "
                          f"for one sequence; {have / 2 ** 30:,.1f} GiB is free here: ask for fewer tokens")

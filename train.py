@@ -14,14 +14,15 @@ stage, begin it, then train steps, logging, evaluating and saving.
 """
 
 import dataclasses
-import json
 import math
 import os
-import signal
 import sys
 import time
 
 STARTED = time.time()  # before torch is imported: each log record's wall_s counts from here
+import cli
+if __name__ == "__main__":  # (first: until the run's own handler is in place, a signal ends start-up in one line)
+    cli.exit_on_signal("interrupted while starting: nothing was trained. Run the same command to start again.")
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
@@ -29,11 +30,11 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-import cli
 from cli import need
 import evaluation
 import parallel
-from checkpoint import claim_out_dir, last_checkpoint, pack, resume, runtime_changes, save, save_atomic, start_metrics
+from checkpoint import (append_metrics, claim_out_dir, good_checkpoint, last_checkpoint, pack, resume, runtime_changes,
+                        save, save_atomic, start_metrics)
 from data.corpus import TOKENIZERS, MixtureLoader, check_prepared, mixture_tokenizer
 from model import GPTConfig, PRESETS, compiled, make_config
 from router import RouterConfig
@@ -119,8 +120,6 @@ class TrainConfig:
     samples: bool = True                 # at the end, print a sample per corpus and arithmetic marked right/wrong
 
     def __post_init__(self):
-        for name in ("lr", "weight_decay", "beta1", "beta2", "grad_clip"):
-            need(math.isfinite(getattr(self, name)), f"{name} must be a finite number; got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0; got {self.lr}")
         need(isinstance(self.out_dir, str) and self.out_dir.strip(), "out_dir must name a folder; got an empty one")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1); got "
@@ -134,6 +133,7 @@ class TrainConfig:
         need(self.dtype in ("auto", "bfloat16", "float32"),
              f"dtype must be auto, bfloat16 or float32; got {self.dtype!r}")
         need(cli.valid_device(self.device), f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        need(cli.valid_seed(self.seed), f"seed must be a whole number in [0, 2**32); got {self.seed!r}")
         need(self.preset is None or self.preset in PRESETS,
              f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
         need(isinstance(self.stages, list) and self.stages, "stages must be a non-empty list of stage dicts")
@@ -223,8 +223,6 @@ class Trainer:
         self.meta = tokenizer.meta()  # what sample.py needs to rebuild the tokenizer
         self.setup_device()
         self.master, self.world_size = self.ranks.master, self.ranks.size
-        if self.master:
-            claim_out_dir(cfg)
         self.stage_steps = [s.num_steps(self.world_size) for s in cfg.stages]
         self.corpora = cfg.corpora()
         self.problems = (evaluation.read_problems(cfg.arith_per_level)
@@ -238,10 +236,13 @@ class Trainer:
         self.moes = self.raw_model.moe_layers()
         self.optimizer = self.raw_model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
                                                             self.device_type)
+        if self.master:  # (only now: every refusal above leaves out_dir untouched)
+            claim_out_dir(cfg)
         self.best_path, self.metrics_path = (os.path.join(cfg.out_dir, n) for n in ("best.pt", "metrics.jsonl"))
         self.state, self.loader_state = self.restore()
+        self.saved_at = self.state["global_step"] if self.loader_state is not None else None  # the last checkpoint's
         if self.master:
-            start_metrics(self.metrics_path, self.state["global_step"] if self.loader_state is not None else None)
+            start_metrics(self.metrics_path, self.saved_at)
         self.model = parallel.wrap(compiled(self.raw_model) if self.runtime["compile"] else self.raw_model,
                                    cfg.parallel, self.ranks)
         self.stop = parallel.StopSignal()  # (from here on, Ctrl-C saves a checkpoint and stops)
@@ -272,8 +273,7 @@ class Trainer:
         ckpt, where = found
         if self.master:
             print(f"resuming {where}: stage {ckpt['state']['stage']} step {ckpt['state']['step']}")
-            changes = runtime_changes(ckpt.get("runtime"), self.runtime)
-            if changes:
+            if changes := runtime_changes(ckpt.get("runtime"), self.runtime):
                 print(changes)
         return dict(ckpt["state"]), ckpt["loader"]
 
@@ -287,8 +287,7 @@ class Trainer:
                         disable=not self.master, dynamic_ncols=True)
         self.t_last, self.tokens_last = time.time(), state["tokens"]
         for s in range(state["stage"], len(cfg.stages)):
-            stage = cfg.stages[s]
-            loader = self.begin_stage(s)
+            stage, loader = cfg.stages[s], self.begin_stage(s)
             for step in range(state["step"], self.stage_steps[s]):
                 lr = cfg.lr * lr_at(cfg.stages, s, step, self.world_size)
                 stats = self.train_step(loader, stage, lr)
@@ -351,18 +350,21 @@ class Trainer:
             parallel.reduce_expert_grads(self.raw_model, self.world_size)
         stats["grad_norm"] = parallel.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip or float("inf"))
         if not torch.isfinite(stats["loss"] + stats["grad_norm"]).item():
-            self.bar.close()
-            saved = last_checkpoint(self.cfg.out_dir, self.sharded)
-            raise SystemExit(f"non-finite loss ({stats['loss'].item()}) or gradient norm ({stats['grad_norm'].item()}) "
-                             f"at stage {self.state['stage']} ({stage.name!r}) step {self.state['step']} (global step "
-                             f"{self.state['global_step']}); stopping without saving. " +
-                             (f"The last checkpoint is {saved}." if saved else "No checkpoint was written before it."))
+            self.stop_non_finite(f"non-finite loss ({stats['loss'].item()}) or gradient norm "
+                                 f"({stats['grad_norm'].item()}) in stage {stage.name!r} step {self.state['step']}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if any(m.controls_p() for m in self.moes):  # the controller needs the numbers now: one read per step
             for moe, k in zip(self.moes, stats["experts_per_token"].tolist()):
                 moe.adjust_p(k)
         return stats
+
+    def stop_non_finite(self, what):
+        self.bar.close()
+        step = self.state["global_step"]
+        kept = good_checkpoint(last_checkpoint(self.cfg.out_dir, self.sharded), self.saved_at, step)  # (is it good?)
+        raise SystemExit(f"{what} at global step {step}; stopping without saving. {kept} A learning rate too high "
+                         f"for the model is the usual cause (lr={self.cfg.lr}).")
 
     def log_train(self, s, stage, lr, stats):
         now, state = time.time(), self.state
@@ -385,8 +387,7 @@ class Trainer:
     def log(self, record):
         """One line of metrics.jsonl, with wall_s: seconds since this process started (startup included)."""
         if self.master:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps({**record, "wall_s": round(time.time() - STARTED, 2)}) + "\n")
+            append_metrics(self.metrics_path, {**record, "wall_s": round(time.time() - STARTED, 2)})
 
     def evaluate(self, s, stage):
         """Val loss per corpus (and arithmetic accuracy), logged; best.pt keeps the lowest mean val bpb. A sharded
@@ -398,24 +399,28 @@ class Trainer:
         if self.master:
             tqdm.write(f"step {state['global_step']} stage {s} ({stage.name}): {evaluation.summary(measured)}")
         mean_bpb = sum(measured["val_bpb"].values()) / len(measured["val_bpb"])
-        if state["best_val"] is None or mean_bpb < state["best_val"]:
+        if math.isfinite(mean_bpb) and (state["best_val"] is None or mean_bpb < state["best_val"]):
             state["best_val"] = mean_bpb
             if not self.sharded:
                 save_atomic(pack(self.model_cfg, self.cfg, self.meta, state, model=self.raw_model.state_dict()),
                             self.best_path)
 
     def save_checkpoint(self, loader):
+        if not parallel.all_finite(self.raw_model, self.ranks, self.device, self.sharded):  # (an update blew up)
+            self.stop_non_finite("non-finite weights after the update")
         # The loader's stream is the same on every rank; the torch RNG is not, so each rank's is kept.
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if self.device_type == "cuda" else None}
         run = pack(self.model_cfg, self.cfg, self.meta, self.state, loader=loader.state_dict(),
                    rng=parallel.gather(rng, self.ranks), world_size=self.world_size, runtime=self.runtime)
         save(run, self.raw_model, self.optimizer, self.cfg.out_dir, self.sharded, self.master)
+        self.saved_at = self.state["global_step"]
 
     def finish(self, message, complete=False):
         self.bar.close()
         parallel.leave(self.ranks)  # (before rank 0's plots and samples)
         if self.master:
             print(message)
+        cli.exit_on_signal("interrupted after the run ended: its checkpoint is saved")  # (the samples that follow)
         if not (self.master and complete):
             return
         from plot import plot_run, read_metrics  # (matplotlib loads only when a run ends)
@@ -439,12 +444,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        code = main(sys.argv[1:])
-    except KeyboardInterrupt:  # Ctrl-C before the run's own handler is in place (it saves and exits 130)
-        print("interrupted while starting: nothing was trained. Run the same command to start again.",
-              file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+    code = main(sys.argv[1:])
     if "RANK" in os.environ:
         parallel.exit_rank(code)
     sys.exit(code)

@@ -137,9 +137,8 @@ def write_corpus(name, tokenizer, train_docs, val_docs, meta=None, directory=Non
     """Tokenize documents with `tokenizer` (a Tokenizer) and write train.bin, val.bin (uint16) and
     meta.json to data/<name>/<tokenizer>/ (or `directory`)."""
     directory = directory or prepared_dir(name, tokenizer.name)
-    os.makedirs(directory, exist_ok=True)
-    counts = {}
-    for split, docs in (("train", train_docs), ("val", val_docs)):
+    counts, arrays = {}, {}
+    for split, docs in (("train", train_docs), ("val", val_docs)):  # (all tokenized before anything is written)
         ids, n_bytes = [], 0
         for doc in docs:
             ids += tokenizer.encode_document(doc)
@@ -147,11 +146,16 @@ def write_corpus(name, tokenizer, train_docs, val_docs, meta=None, directory=Non
         arr = np.asarray(ids, dtype=np.int64)
         if arr.size and (arr.min() < 0 or arr.max() >= 2 ** 16):
             raise ValueError(f"token ids must fit in uint16; got range [{arr.min()}, {arr.max()}]")
-        arr.astype(np.uint16).tofile(os.path.join(directory, f"{split}.bin"))
+        arrays[split] = arr.astype(np.uint16)
         counts.update({f"{split}_tokens": len(ids), f"{split}_bytes": n_bytes})
     meta = {**tokenizer.meta(), **(meta or {}), **counts}
-    with open(os.path.join(directory, "meta.json"), "w") as f:
+    os.makedirs(directory, exist_ok=True)
+    for split, arr in arrays.items():
+        arr.tofile(os.path.join(directory, f"{split}.bin.tmp"))
+    with open(os.path.join(directory, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=1)
+    for file in ("train.bin", "val.bin", "meta.json"):  # (renamed once all are written: a failed write leaves the
+        os.replace(os.path.join(directory, file + ".tmp"), os.path.join(directory, file))  # old corpus whole)
     print(f"{name} ({tokenizer.name}): {counts['train_tokens']:,} train tokens, {counts['val_tokens']:,} val "
           f"tokens -> {directory}")
     return meta
@@ -182,6 +186,14 @@ def read_meta(name, tokenizer):
             meta = json.load(f)
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
+        counts = [k for k in ("train_tokens", "val_tokens")
+                  if not isinstance(meta.get(k), int) or isinstance(meta.get(k), bool) or meta[k] < 0]
+        if counts:
+            raise ValueError(f"{' and '.join(counts)} must be a count of tokens")
+        if meta.get("tokenizer") != tokenizer:
+            raise ValueError(f"it names the tokenizer {meta.get('tokenizer')!r}, and it is in the {tokenizer} folder")
+        if tokenizer == "char" and not (isinstance(meta.get("chars"), list) and meta["chars"]):
+            raise ValueError("the char tokenizer's alphabet (chars) is missing")
     except ValueError as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
         raise ValueError(f"{path} is not a corpus's meta.json ({e}): prepare the corpus again with `{how}`") from None
     return meta

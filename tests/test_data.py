@@ -224,6 +224,13 @@ def test_generic_text_prepare(corpora, tmp_path):
         bad = subprocess.run([sys.executable, "data/text/prepare.py", "--name=x", str(tmp_path / "none.txt")],
                              cwd=corpora, capture_output=True, text=True)
         assert bad.returncode != 0 and "no such file" in bad.stderr
+        for line in ('{"text": 5}', '["text"]'):  # (nothing is written: the corpus folder never appears)
+            (tmp_path / "odd.jsonl").write_text(docs.read_text() + "\n" + line + "\n")
+            bad = subprocess.run([sys.executable, "data/text/prepare.py", "--name=pytest_odd", str(tmp_path / "odd.jsonl")],
+                                 cwd=corpora, capture_output=True, text=True)
+            assert bad.returncode == 1 and 'odd.jsonl:41: expected a JSON object with a "text" field holding a string' \
+                in bad.stderr and "Traceback" not in bad.stderr
+            assert not os.path.exists(os.path.join(corpora, "data", "pytest_odd"))
         builtin = subprocess.run([sys.executable, "data/text/prepare.py", "--name=shakespeare", str(docs)],
                                  cwd=corpora, capture_output=True, text=True)
         assert builtin.returncode != 0 and "--overwrite" in builtin.stderr
@@ -252,6 +259,22 @@ def test_a_damaged_meta_or_foreign_token_ids_are_named(corpora, tmp_path, monkey
     with pytest.raises(ValueError, match=r"train.bin holds token id 300, beyond the byte tokenizer's 257 ids"):
         corpus.check_token_ids("tiny", "byte", 257)
     meta = tmp_path / "tiny" / "byte" / "meta.json"
-    meta.write_text('{"tokenizer": "byte", ')  # cut short
-    with pytest.raises(ValueError, match=r"meta.json is not a corpus's meta.json .*prepare the corpus again"):
-        read_meta("tiny", "byte")
+    good = json.loads(meta.read_text())
+    for text, why in [('{"tokenizer": "byte", ', "Expecting"),  # cut short
+                      ("{}", "train_tokens and val_tokens must be a count of tokens"),
+                      (json.dumps({**good, "val_tokens": "many"}), "val_tokens must be a count"),
+                      (json.dumps({**good, "tokenizer": "gpt2"}), "it names the tokenizer 'gpt2', and it is in the byte"),
+                      ("[1]", "not a JSON object")]:
+        meta.write_text(text)
+        with pytest.raises(ValueError, match=rf"meta.json is not a corpus's meta.json \({why}.*prepare the corpus again"):
+            read_meta("tiny", "byte")
+
+
+def test_missing_or_damaged_arith_problems_are_named(tmp_path, monkeypatch):
+    import evaluation
+    monkeypatch.setattr(evaluation, "corpus_dir", lambda name: str(tmp_path))
+    with pytest.raises(SystemExit, match=r"cannot read the arith val problems .*No such file.*arith_per_level=0"):
+        evaluation.read_problems(2)
+    (tmp_path / "val_problems.jsonl").write_text('{"prompt": "1+1=", "answer": "2", "difficulty": 1}\n[1]\n')
+    with pytest.raises(SystemExit, match=r"a line is not a problem"):
+        evaluation.read_problems(2)

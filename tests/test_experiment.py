@@ -102,6 +102,7 @@ def test_an_empty_out_dir_is_refused():
 @pytest.mark.parametrize("args,message", [
     (["routing", "--seeds=[]"], "seeds must be a non-empty list"),
     (["routing", "--seeds=[1, 1]"], "distinct"),
+    (["routing", "--seeds=[1, -2]"], "whole numbers in [0, 2**32)"),
     (["routing", "--scale=0"], "scale must be > 0"),
     (["hybird"], "unknown experiment 'hybird'"),
     ([], "usage: python experiment.py"),

@@ -176,7 +176,7 @@ def test_a_sharded_item_that_is_not_data_is_refused_before_it_is_unpickled(tmp_p
 @pytest.mark.parametrize("nproc, flags, differ", [
     (3, ["--parallel=fsdp"], "world_size: checkpoint 2, now 3"),
     (2, [], "parallel: checkpoint 'fsdp', now 'ddp'"),
-    (2, ["--parallel=fsdp", "--resume=False"], "holds a run (sharded), and --resume=False would overwrite it"),
+    (2, ["--parallel=fsdp", "--resume=False"], "holds a run (sharded, metrics.jsonl), and --resume=False would overwrite"),
 ])
 def test_a_sharded_run_refuses_another_world_size_or_layout(runs, nproc, flags, differ):
     out = runs["fsdp"]
@@ -185,3 +185,28 @@ def test_a_sharded_run_refuses_another_world_size_or_layout(runs, nproc, flags, 
     done = run(TORCHRUN + [f"--nproc_per_node={nproc}", "train.py", config, *flags])
     assert done.returncode != 0 and differ in done.stderr, done.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def truncate_a_shard(folder):
+    shard = sorted(folder.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda out, folder: truncate_a_shard(folder), "refusing the sharded checkpoint"),
+    (lambda out, folder: ((out / "sharded" / "latest").unlink(), (out / "sharded" / "latest").mkdir()),
+     "latest ([Errno 21] Is a directory"),
+    (lambda out, folder: (out / "sharded" / "latest").write_text("step_000000099"),
+     "names 'step_000000099', which is not a checkpoint folder beside it"),
+    (lambda out, folder: (folder / "run.pt").unlink(), "cannot read checkpoint"),
+])
+def test_a_damaged_sharded_checkpoint_is_refused_in_one_line_by_every_reader(runs, tmp_path, damage, message):
+    import shutil
+    out = tmp_path / "damaged"
+    shutil.copytree(runs["fsdp"], out)
+    damage(out, out / "sharded" / (out / "sharded" / "latest").read_text().strip())
+    done = run([sys.executable, "checkpoint.py", str(out)])
+    assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    done = run(TORCHRUN + ["--nproc_per_node=2", "train.py", write_config(tmp_path / "again.py", out), "--parallel=fsdp"])
+    ranks = done.stderr.split("Traceback (most recent call last):\n  File")[0]  # (torchrun's own report follows)
+    assert done.returncode != 0 and ranks.count(message) == 2 and "Traceback" not in ranks, done.stderr[-3000:]

@@ -38,6 +38,8 @@ def char_run(tmp_path_factory, corpora):
     (["--start="], "the prompt is empty, and the char tokenizer has no end-of-text token"),
     (["--max_new_tokens=1000000000000"], "needs a KV cache of"),
     (["--device=mps"], "device must be auto, cpu, cuda or cuda:N"),
+    (["--seed=-1"], "seed must be a whole number in [0, 2**32); got -1"),
+    (["--out_dir=README.md"], "README.md is a file; --out_dir names the folder train.py wrote a run into"),
 ])
 def test_sample_bad_inputs(char_run, args, message):
     before = sorted(os.listdir(char_run))

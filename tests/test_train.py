@@ -156,6 +156,9 @@ def stages_arg(*stages):
     (["--out_dir="], "out_dir must name a folder"),
     (["--out_dir=README.md"], "out_dir README.md is a file, not a folder"),
     (["--out_dir=README.md/run"], "cannot write in out_dir README.md/run"),
+    (["--seed=-1"], "seed must be a whole number in [0, 2**32); got -1"),
+    ([f"--seed={2 ** 64}"], "seed must be a whole number in [0, 2**32)"),
+    (["--n_layer=64", "--n_embd=16384", "--n_head=64", "--n_kv_head=64"], "GiB per rank, and"),  # (about 200e9)
 ])
 def test_bad_configs_exit_with_a_message_and_write_nothing(corpora, tmp_path, args, message):
     out_dir = tmp_path / "never"
@@ -283,7 +286,7 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(corpora, tmp_path, monk
     with pytest.raises(SystemExit) as stop:
         train.main([config])
     assert "non-finite loss" in str(stop.value.code) and "global step 4" in str(stop.value.code)
-    assert f"The last checkpoint is {tmp_path / 'n' / 'ckpt.pt'}." in str(stop.value.code)
+    assert f"The last good checkpoint is {tmp_path / 'n' / 'ckpt.pt'} (global step 3)." in str(stop.value.code)
     ckpt = torch.load(tmp_path / "n" / "ckpt.pt", weights_only=False)
     assert ckpt["state"]["global_step"] == 3
     fresh = model.GPT(model.GPTConfig(**ckpt["model_config"]), verbose=False)
@@ -449,3 +452,154 @@ def test_ctrl_c_while_starting_ends_in_one_line_and_writes_nothing(corpora, tmp_
     assert proc.returncode == 128 + signal.SIGINT
     assert "interrupted while starting: nothing was trained" in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def blown_up(out_dir, lr_fraction, wild_steps=3, **overrides):
+    """A run whose second stage multiplies the learning rate by lr_fraction, from global step 4 on."""
+    return write_config(out_dir.parent / f"{out_dir.name}.py", out_dir, **{"ckpt_interval": 100, **overrides}, stages=[
+        dict(name="calm", mixture={"shakespeare": 1.0}, steps=4, seq_len=16, batch_size=2),
+        dict(name="wild", mixture={"shakespeare": 1.0}, steps=wild_steps, seq_len=16, batch_size=2,
+             lr_start=lr_fraction)])
+
+
+def finite_loss_and_gradient(path):
+    """Whether the weights saved at path give a finite loss and gradient on a batch: what makes a checkpoint good."""
+    import model
+    ckpt = torch.load(path, weights_only=False)
+    gpt = model.GPT(model.GPTConfig(**ckpt["model_config"]), verbose=False)
+    gpt.load_state_dict(ckpt["model"])
+    x = torch.randint(0, 65, (2, 16))
+    _, loss = gpt(x, x.roll(-1, 1))
+    loss.backward()
+    return bool(torch.isfinite(loss)) and all(torch.isfinite(p.grad).all() for p in gpt.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("lr_fraction,wild_steps,stopped_by", [
+    (1e27, 3, "or gradient norm (nan)"),  # the update leaves weights of about 1e24: the next gradient is NaN
+    (1e42, 1, "non-finite weights after the update"),     # the update overflows to inf, and the stage end saves
+])
+def test_a_blown_up_learning_rate_names_a_checkpoint_that_is_good(corpora, tmp_path, lr_fraction, wild_steps,
+                                                                  stopped_by):
+    import train
+    with pytest.raises(SystemExit) as stop:
+        train.main([blown_up(tmp_path / "b", lr_fraction, wild_steps)])
+    message = str(stop.value.code)
+    assert stopped_by in message and "stopping without saving" in message, message
+    assert f"The last good checkpoint is {tmp_path / 'b' / 'ckpt.pt'} (global step 4)." in message
+    ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert ckpt["state"]["global_step"] == 4
+    assert finite_loss_and_gradient(tmp_path / "b" / "ckpt.pt") and finite_loss_and_gradient(tmp_path / "b" / "best.pt")
+
+
+def test_a_checkpoint_saved_just_before_the_failing_step_is_not_called_good(corpora, tmp_path):
+    import train
+    with pytest.raises(SystemExit) as stop:  # (a checkpoint after every step: the one after step 5 holds ~1e24)
+        train.main([blown_up(tmp_path / "b", 1e27, ckpt_interval=1)])
+    message = str(stop.value.code)
+    assert "global step 5;" in message and "holds the weights that gave it" in message, message
+    assert "last good" not in message
+    assert not finite_loss_and_gradient(tmp_path / "b" / "ckpt.pt")  # (what the message warns of)
+
+
+def damage(ckpt, change):
+    ckpt = {**ckpt, "model": dict(ckpt["model"]), "state": dict(ckpt["state"])}
+    change(ckpt)
+    return ckpt
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.pop("rng"), "not a checkpoint train.py can resume from: rng (missing)"),
+    (lambda c: c.pop("train_config"), "train_config (missing)"),
+    (lambda c: c.update(loader=[1]), "loader (not a dict)"),
+    (lambda c: c["state"].update(step="3"), "state.step"),
+    (lambda c: c.update(rng=[]), "rng (one per rank: 0 for world size 1)"),
+    (lambda c: c["model"].update({"wte.weight": torch.zeros(3, 3)}), "does not fit this run's model (RuntimeError"),
+    (lambda c: c["model"].pop("lm_head.weight"), "does not fit this run's model"),
+    (lambda c: c.update(optimizer={"state": {}, "param_groups": []}), "does not fit this run's model (ValueError"),
+])
+def test_a_damaged_checkpoint_is_refused_in_one_line(corpora, tmp_path, change, message):
+    config = write_config(tmp_path / "d.py", tmp_path / "d", stages=STAGES[:1])
+    assert run([sys.executable, "train.py", config]).returncode == 0
+    path = tmp_path / "d" / "ckpt.pt"
+    torch.save(damage(torch.load(path, weights_only=False), change), path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
+    result = run([sys.executable, "train.py", config])
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_still_a_run(corpora, tmp_path):
+    config = write_config(tmp_path / "k.py", tmp_path / "k", stages=STAGES[:1])
+    assert run([sys.executable, "train.py", config]).returncode == 0
+    os.remove(tmp_path / "k" / "ckpt.pt")  # (what a kill before the first save leaves: best.pt and metrics.jsonl)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "k").iterdir()}
+    result = run([sys.executable, "train.py", config, "--resume=False"])
+    assert result.returncode == 1 and "holds a run (best.pt, metrics.jsonl)" in result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "k").iterdir()} == before
+    result = run([sys.executable, "train.py", config])
+    assert result.returncode == 0 and "stopped before its first checkpoint (best.pt, metrics.jsonl): starting it over" \
+        in result.stdout
+    assert len(train_records(tmp_path / "k")) == 8  # (the log starts afresh, not appended to)
+
+
+def test_lines_of_metrics_jsonl_that_are_not_records_are_dropped(tmp_path):
+    from checkpoint import start_metrics
+    from plot import read_metrics
+    path = tmp_path / "metrics.jsonl"
+    good = [{"kind": "train", "step": 1}, {"kind": "eval", "step": 2}, {"kind": "train", "step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good[:2]) + '[1, 2]\n42\n{"kind": "tra' + "\n" +
+                    json.dumps(good[2]) + "\n" + '"text"\n{"step": "2"}\n')
+    assert read_metrics(str(tmp_path)) == good
+    start_metrics(str(path), resumed_step=2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == good[:2]
+
+
+def test_a_full_disk_when_the_lock_or_a_metrics_line_is_written_is_named(tmp_path, monkeypatch):
+    import builtins
+    import errno
+    import types
+    import checkpoint
+    real_open, real_fdopen = builtins.open, os.fdopen
+
+    class Full:  # a file whose writes fail as on a full disk
+        def __init__(self, f):
+            self.f = f
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.f.close()
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writelines = write
+
+    monkeypatch.setattr(builtins, "open", lambda path, mode="r", *a, **k: Full(real_open(path, mode, *a, **k))
+                        if "a" in mode or "w" in mode else real_open(path, mode, *a, **k))
+    with pytest.raises(SystemExit, match=r"could not append to .*metrics.jsonl \(No space left on device\)"):
+        checkpoint.append_metrics(str(tmp_path / "metrics.jsonl"), {"kind": "train", "step": 1})
+    with pytest.raises(SystemExit, match=r"could not write .*metrics.jsonl \(No space left on device\)"):
+        checkpoint.start_metrics(str(tmp_path / "metrics.jsonl"), None)
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(SystemExit, match=r"cannot write the lock .*train.lock \(No space left on device\): disk full"):
+        checkpoint.claim_out_dir(types.SimpleNamespace(out_dir=str(tmp_path / "run"), resume=True))
+    assert not (tmp_path / "run" / "train.lock").exists()  # (no half-written lock left to block the next run)
+
+
+def test_ctrl_c_while_importing_torch_or_after_the_run_ends_is_one_line(corpora, tmp_path):
+    config = write_config(tmp_path / "i.py", tmp_path / "run", stages=STAGES[:1], samples=True)
+    proc = subprocess.Popen([sys.executable, "train.py", config], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # (train.py is importing torch, which takes seconds)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err and "Error" not in err, err
+    assert "interrupted while starting: nothing was trained" in err and not (tmp_path / "run").exists()
+    proc = subprocess.Popen([sys.executable, "train.py", config], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the samples print after this line
+        if line.startswith("run complete"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
+    assert err.strip().endswith("interrupted after the run ended: its checkpoint is saved")

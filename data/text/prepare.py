@@ -34,9 +34,12 @@ def documents_from_files(paths):
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            yield json.loads(line)["text"]
+                            text = json.loads(line)["text"]
                         except (json.JSONDecodeError, KeyError, TypeError):
-                            sys.exit(f"{path}:{n}: expected a JSON object with a \"text\" field")
+                            text = None
+                        if not isinstance(text, str):
+                            sys.exit(f"{path}:{n}: expected a JSON object with a \"text\" field holding a string")
+                        yield text
             else:
                 yield f.read()
 
