@@ -12,6 +12,7 @@ CPU, FlexAttention with a sliding-window block mask on CUDA), then RoPE, then th
 Imports only torch.
 """
 
+import copy
 import functools
 import math
 
@@ -24,12 +25,13 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 # -----------------------------------------------------------------------------------------------------
 # The math
 
-def causal_attention(q, k, v, window=None):
+def causal_attention(q, k, v, window=None, mask=None):
     """Causal attention, full (window=None) or sliding-window (window=w: query i sees keys i-w+1 .. i).
 
     q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv (grouped-query attention) and S >= T.
     The T queries are the last T of the S positions (S > T when decoding after a cache).
-    Returns (B, Hq, T, D). Scale 1/sqrt(D).
+    Returns (B, Hq, T, D). Scale 1/sqrt(D). mask (B, 1, T, S), which keys each query sees, replaces the rule
+    above: a cache whose rows differ in length gives it (engine.py's), as its rows' keys end at different slots.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, T, D); got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
@@ -46,6 +48,8 @@ def causal_attention(q, k, v, window=None):
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 (or None for global attention); got {window}")
 
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hkv)
     if window is not None and window >= S:
         window = None  # a window that covers every key is global attention
     if window is not None:
@@ -163,13 +167,13 @@ def flex_local_attention(q, k, v, window):
 # Rotary position embedding (RoPE). A long-context stage raises `base` so that far positions stay apart.
 
 def rope_cache(positions, head_dim, base=10000.0):
-    """The tables apply_rope takes for the given absolute positions, each (len(positions), head_dim): pair d
+    """The tables apply_rope takes for the given absolute positions, each (*positions.shape, head_dim): pair d
     (dims d and d + D/2) turns by angle position * base^(-2d/D); cos is [cos, cos], sin is [-sin, sin]."""
     if head_dim % 2 != 0:
         raise ValueError(f"RoPE needs an even head dimension; got {head_dim}")
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos().repeat(1, 2), torch.cat([-angles.sin(), angles.sin()], dim=-1)
+    angles = positions.float()[..., None] * inv_freq  # (positions may be (B, T): one row each, for a ragged batch)
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
 def apply_rope(x, cos, sin):
@@ -223,7 +227,7 @@ class Attention(nn.Module):
             k = apply_rope(k, cos, sin)
             if cache is not None:
                 k, v = cache.update(layer, k, v)
-        y = causal_attention(q, k, v, self.window)
+        y = causal_attention(q, k, v, self.window, cache.mask(self.kind) if cache is not None else None)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.dropout(self.o_proj(y)), (k, v)
 
@@ -256,6 +260,21 @@ class KVCache:
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+    def positions(self, T, device):
+        """The absolute positions of the next T tokens: every row's are the same."""
+        return torch.arange(self.filled, self.filled + T, device=device)
+
+    def mask(self, kind):
+        """None: rows of one length need no mask beyond causal_attention's own (engine.py's cache needs one)."""
+        return None
+
+    def select(self, row):
+        """A KVCache over one row of this one's buffers (views: what it stores lands in this cache), filled to 0."""
+        view = copy.copy(self)
+        view.k, view.v = ([t[row:row + 1] if t is not None else None for t in ts] for ts in (self.k, self.v))
+        view.filled = 0
+        return view
 
     def check_room(self, T):
         if self.filled + T > self.max_len:

@@ -12,6 +12,8 @@ The parts, each guarded, so that one that fails is reported and the rest still r
     attention  a local layer's attention forward + backward: FlexAttention against one masked SDPA call, 4K to 64K
     experts    an MoE layer forward + backward: one grouped GEMM per weight against the loop over experts
     decode     decoding tokens/s after 8K of context, hybrid against all-global
+    serving    engine.py in bf16: 16 requests of 4K in one KV budget, hybrid against all-global (rows, decode
+               tokens/s), and whether its greedy tokens match generate's on each request alone
     torchrun   a 1-process torchrun of the preset: NCCL on a GPU (gloo on a CPU)
 
 The dry run is what the test suite runs, so that this script cannot rot between the rare times a GPU is lent.
@@ -176,6 +178,29 @@ def check_decode(cfg):
             f"({speed['hybrid'] / speed['all_global']:.2f}x)")
 
 
+def check_serving(cfg):
+    from bench_serving import ServingConfig, models, serve
+    from engine import Engine, Request
+    from model import kv_cache_bytes
+    device = "cpu" if cfg.dry else "cuda"
+    context, n = (256, 4) if cfg.dry else (4096, 16)
+    bench = ServingConfig(context_1=context, contexts=[context], n_embd=64 if cfg.dry else 512)
+    nets = models(bench, device)
+    dtype = torch.float32 if cfg.dry else torch.bfloat16
+    budget = 4 * kv_cache_bytes(nets["all-global MoE"].config, context, dtype)  # (4 all-global rows; n requests)
+    got = {name: serve(nets[name], budget, context, n, bench.new_tokens) for name in ("hybrid MoE", "all-global MoE")}
+    model, prompt = nets["hybrid MoE"], list(range(1, 200))  # greedy: the engine's rows against generate alone
+    served = {r.index: r.tokens for r in Engine(model, budget, max_len=260).serve([Request(prompt[i:], 48)
+                                                                                  for i in range(4)])}
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=not cfg.dry):
+        alone = [model.generate(torch.tensor([prompt[i:]], device=device), 48, temperature=0)[0, 199 - i:].tolist()
+                 for i in range(4)]
+    same = sum(a == b for i in range(4) for a, b in zip(served[i], alone[i]))
+    (h_rows, h_tok, _), (g_rows, g_tok, _) = got.values()
+    return (f"{n} x {context}: hybrid {h_rows} rows {h_tok:,.0f} tokens/s, all-global {g_rows} rows {g_tok:,.0f} "
+            f"({h_tok / g_tok:.2f}x); greedy tokens equal to generate's: {same}/{4 * 48}")
+
+
 def check_torchrun(cfg):
     work = tempfile.mkdtemp(prefix="gpu-check-torchrun-")
     try:
@@ -205,7 +230,8 @@ def main(argv):
     subprocess.run([sys.executable, os.path.join("data", "prepare.py")], check=True, stdout=subprocess.DEVNULL)
     print(machine() + (" (dry run: tiny sizes)" if cfg.dry else ""))
     parts = [("tests", check_tests), ("train", check_train), ("attention", check_attention),
-             ("experts", check_experts), ("decode", check_decode), ("torchrun", check_torchrun)]
+             ("experts", check_experts), ("decode", check_decode), ("serving", check_serving),
+             ("torchrun", check_torchrun)]
     rows = []
     for name, fn in parts:
         rows.append(run_part(name, lambda fn=fn: fn(cfg)))

@@ -234,12 +234,12 @@ class GPT(nn.Module):
         B, T = idx.shape
         if cache is None and T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        start = 0
         if cache is not None:
             cache.check_room(T)
-            start = cache.filled
-        cos, sin = rope_cache(torch.arange(start, start + T, device=idx.device),
-                              self.config.n_embd // self.config.n_head, self.rope_base)
+        positions = cache.positions(T, idx.device) if cache is not None else torch.arange(T, device=idx.device)
+        cos, sin = rope_cache(positions, self.config.n_embd // self.config.n_head, self.rope_base)
+        if positions.dim() == 2:  # one position per row (engine.py's ragged batch): broadcast over the heads
+            cos, sin = cos[:, None], sin[:, None]
         x = self.drop(self.wte(idx))
         kv, aux, routing = None, x.new_zeros(()), []
         for i, block in enumerate(self.blocks):
@@ -343,22 +343,27 @@ class GPT(nn.Module):
         cache.check_room(idx.shape[1] + max_new_tokens - 1)  # (the last new token is never fed back)
         logits, _ = self(idx, cache=cache)
         for i in range(max_new_tokens):
-            logits = logits[:, -1, :vocab_size].float()  # (padding ids are the tokenizer's unknowns)
-            if temperature == 0 or top_k == 1:
-                next_token = logits.argmax(-1, keepdim=True)
-            else:
-                probs = ((logits - logits.amax(-1, keepdim=True)) / temperature).softmax(-1)  # (no inf - inf)
-                if top_k is not None:
-                    probs = probs * top_k_mask(probs, min(top_k, probs.shape[-1]))
-                if top_p is not None:
-                    probs = probs * top_p_mask(probs / probs.sum(-1, keepdim=True), top_p)
-                next_token = torch.multinomial(probs, num_samples=1)
-            idx = torch.cat([idx, next_token], dim=1)
+            token = next_token(logits[:, -1, :vocab_size].float(), temperature, top_k, top_p)  # (padding ids: unknowns)
+            idx = torch.cat([idx, token], dim=1)
             if on_token is not None:
-                on_token(next_token)
+                on_token(token)
             if i < max_new_tokens - 1:  # the last token needs no logits after it
-                logits, _ = self(next_token, cache=cache)
+                logits, _ = self(token, cache=cache)
         return idx
+
+
+def next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, 1) next tokens from logits (B, V): greedy at temperature 0 (or top_k=1), else a sample from the
+    tempered softmax, cut to the top_k tokens and then to the top_p nucleus (the router's rule: the smallest set
+    whose probabilities reach p). generator: the random stream to draw from (engine.py gives each request its own)."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(-1, keepdim=True)
+    probs = ((logits - logits.amax(-1, keepdim=True)) / temperature).softmax(-1)  # (no inf - inf)
+    if top_k is not None:
+        probs = probs * top_k_mask(probs, min(top_k, probs.shape[-1]))
+    if top_p is not None:
+        probs = probs * top_p_mask(probs / probs.sum(-1, keepdim=True), top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 def compiled(model, backend="inductor"):

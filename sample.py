@@ -4,9 +4,12 @@ Sample from a trained run, streaming tokens as the KV cache produces them.
     python sample.py --out_dir=out/default --start="ROMEO:" --num_samples=2 --max_new_tokens=200
     python sample.py --out_dir=out/default --start=FILE:prompt.txt --temperature=0.8 --top_p=0.9
     python sample.py --out_dir=out/default --start="12+35=" --show_experts     # shade tokens by their experts
+    python sample.py --out_dir=out/default --prompts=prompts.txt --num_samples=4  # served together (engine.py)
 
 Loads out_dir/ckpt.pt (or best.pt with --checkpoint=best), rebuilds the model and the run's tokenizer, and
-prints tokens/s and the KV cache's size at the end. With --show_experts, each token of the prompt and the
+prints tokens/s and the KV cache's size at the end. One sample streams token by token; several (num_samples > 1,
+or a file of prompts, one per line) decode together in engine.py's continuous batch, as many at once as
+--kv_cache_mib holds, and each prints whole as it finishes. With --show_experts, each token of the prompt and the
 sample is shaded by how many routed experts it used (the mean over MoE layers): in the terminal with ANSI
 colours, and in out_dir/experts.png for slides.
 """
@@ -23,6 +26,7 @@ import torch
 import cli
 from cli import need
 from checkpoint import load_run
+from engine import Engine, Request
 from model import kv_cache_bytes
 
 
@@ -31,7 +35,9 @@ class SampleConfig:
     out_dir: str = "out/default"        # the run directory train.py wrote
     checkpoint: str = "ckpt"            # "ckpt" (latest) or "best" (lowest mean val loss)
     start: str = "\n"                   # prompt text, or FILE:path to read it from a file
-    num_samples: int = 1                # samples to draw, one after another
+    num_samples: int = 1                # samples to draw of each prompt
+    prompts: Optional[str] = None       # a file of prompts, one per line (instead of --start)
+    kv_cache_mib: float = 1024.0        # KV cache for decoding several samples at once: it decides how many
     max_new_tokens: int = 200           # tokens to generate per sample
     temperature: float = 0.8            # 0 is greedy; higher is more random
     top_k: Optional[int] = None         # sample only among the k most likely tokens
@@ -49,6 +55,9 @@ class SampleConfig:
         need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1] (or left out); got {self.top_p}")
         need(cli.valid_device(self.device), f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         need(cli.valid_seed(self.seed), f"seed must be a whole number in [0, 2**32); got {self.seed!r}")
+        need(self.kv_cache_mib > 0, f"kv_cache_mib must be > 0; got {self.kv_cache_mib}")
+        need(not self.show_experts or (self.num_samples == 1 and self.prompts is None),
+             "--show_experts shades one sample: use it with num_samples=1 and no --prompts")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -117,59 +126,104 @@ def show_experts(model, tokenizer, ids, path):
     print(f"wrote {path}")
 
 
-def main(argv):
-    cfg, = cli.load(argv, SampleConfig)
-    device = cli.resolve_device(cfg.device)
-    start = cfg.start
-    if start.startswith("FILE:"):
-        try:
-            with open(start[5:], encoding="utf-8") as f:
-                start = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"--start=FILE:{start[5:]}: cannot read the prompt file ({e})")
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_run(cfg.out_dir, cfg.checkpoint, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+def read_prompts(cfg):
+    """The prompt texts: --start (or the file it names), or each non-empty line of --prompts."""
+    path = cfg.prompts or (cfg.start[5:] if cfg.start.startswith("FILE:") else None)
+    if path is None:
+        return [cfg.start]
     try:
-        prompt = tokenizer.encode(start)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"cannot read the prompt file {path} ({e})")
+    if cfg.prompts is None:
+        return [text]
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise SystemExit(f"the prompt file {path} has no prompts (one per line)")
+    return [line.replace("\\n", "\n") for line in lines]  # (a prompt of several lines writes \n)
+
+
+def encode(tokenizer, text):
+    try:
+        ids = tokenizer.encode(text)
     except ValueError as e:  # a char-level run knows only its training text's characters
         raise SystemExit(f"the prompt cannot be encoded: {e}. Use only characters the run was trained on.")
     if tokenizer.eot is not None:
-        prompt = [tokenizer.eot] + prompt  # documents begin after an end-of-text token in training
-    if not prompt:
+        ids = [tokenizer.eot] + ids  # documents begin after an end-of-text token in training
+    if not ids:
         raise SystemExit(f"the prompt is empty, and the {tokenizer.name} tokenizer has no end-of-text token to start "
                          f"from: give --start=TEXT")
-    need_bytes = kv_cache_bytes(model.config, len(prompt) + cfg.max_new_tokens, model.wte.weight.dtype)
+    return ids
+
+
+def stream_one(model, tokenizer, text, prompt, cfg, device):
+    """One sample, printed token by token as the KV cache produces it."""
+    print(text, end="", flush=True)
+    generated, shown = [], [0]
+
+    def stream(token):
+        # Decode the whole continuation each time, and hold back a trailing U+FFFD: it may be a character
+        # whose bytes (or tokens) are still coming.
+        generated.append(token[0, 0].item())
+        decoded = tokenizer.decode(generated)
+        ready = len(decoded.rstrip("\ufffd")) if len(generated) < cfg.max_new_tokens else len(decoded)
+        print(decoded[shown[0]:ready], end="", flush=True)
+        shown[0] = max(shown[0], ready)
+
+    t0 = time.time()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    with autocast:  # bf16 on CUDA: the matmuls, the KV cache and the MoE's grouped GEMM path
+        cache = model.make_cache(1, len(prompt) + cfg.max_new_tokens)
+        out = model.generate(torch.tensor([prompt], device=device), cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                             cfg.top_p, cache=cache, on_token=stream, vocab_size=tokenizer.vocab_size)
+    dt = time.time() - t0
+    print(f"\n--- {cfg.max_new_tokens} tokens in {dt:.2f}s ({cfg.max_new_tokens / dt:.1f} tokens/s), "
+          f"KV cache {cache.nbytes() / 1024:.1f} KiB for {cache.max_len} positions ---")
+    return out[0].tolist()
+
+
+def serve_all(model, tokenizer, texts, prompts, cfg):
+    """Every prompt num_samples times through engine.py, each sample printed whole as it finishes. Stops at
+    end-of-text (a single streamed sample runs its full length)."""
+    requests = [Request(ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed + i)
+                for i, ids in enumerate(ids for ids in prompts for _ in range(cfg.num_samples))]
+    longest = max(len(ids) for ids in prompts) + cfg.max_new_tokens
+    try:
+        engine = Engine(model, min(cfg.kv_cache_mib * 2 ** 20, cli.free_memory(model.wte.weight.device)),
+                        max_len=longest, eot=tokenizer.eot, vocab_size=tokenizer.vocab_size, max_batch=len(requests))
+        t0, produced = time.time(), 0
+        for result in engine.serve(requests):
+            p, n = divmod(result.index, cfg.num_samples)
+            print(f"--- prompt {p + 1}/{len(prompts)}, sample {n + 1}/{cfg.num_samples} ({len(result.tokens)} "
+                  f"tokens, {'end-of-text' if result.finished == 'eot' else 'max_new_tokens'}) ---")
+            print(texts[p] + tokenizer.decode(result.tokens), flush=True)
+            produced += len(result.tokens)
+    except ValueError as e:  # (a budget too small for one sequence, a request the model cannot serve)
+        raise SystemExit(f"cannot serve these samples: {e}") from None
+    dt = time.time() - t0
+    print(f"--- {len(requests)} samples, {produced} tokens in {dt:.2f}s ({produced / dt:.1f} tokens/s), up to "
+          f"{engine.slots} at once in a KV cache of {engine.cache.nbytes() / 2 ** 20:.1f} MiB ---")
+
+
+def main(argv):
+    cfg, = cli.load(argv, SampleConfig)
+    device = cli.resolve_device(cfg.device)
+    texts = read_prompts(cfg)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_run(cfg.out_dir, cfg.checkpoint, device)
+    prompts = [encode(tokenizer, text) for text in texts]
+    longest = max(len(ids) for ids in prompts) + cfg.max_new_tokens
+    need_bytes = kv_cache_bytes(model.config, longest, model.wte.weight.dtype)
     have = cli.free_memory(device)
     if need_bytes > have:
         raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens} needs a KV cache of {need_bytes / 2 ** 30:,.1f} GiB "
                          f"for one sequence; {have / 2 ** 30:,.1f} GiB is free here: ask for fewer tokens")
-    idx = torch.tensor([prompt], device=device)
-
-    for n in range(cfg.num_samples):
-        print(f"--- sample {n + 1}/{cfg.num_samples} ---")
-        print(start, end="", flush=True)
-        generated, shown = [], [0]
-
-        def stream(token):
-            # Decode the whole continuation each time, and hold back a trailing U+FFFD: it may be a character
-            # whose bytes (or tokens) are still coming.
-            generated.append(token[0, 0].item())
-            text = tokenizer.decode(generated)
-            ready = len(text.rstrip("\ufffd")) if len(generated) < cfg.max_new_tokens else len(text)
-            print(text[shown[0]:ready], end="", flush=True)
-            shown[0] = max(shown[0], ready)
-
-        t0 = time.time()
-        with autocast:  # bf16 on CUDA: the matmuls, the KV cache and the MoE's grouped GEMM path
-            cache = model.make_cache(1, len(prompt) + cfg.max_new_tokens)
-            out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cache=cache,
-                                 on_token=stream, vocab_size=tokenizer.vocab_size)
-        dt = time.time() - t0
-        print(f"\n--- {cfg.max_new_tokens} tokens in {dt:.2f}s ({cfg.max_new_tokens / dt:.1f} tokens/s), "
-              f"KV cache {cache.nbytes() / 1024:.1f} KiB for {cache.max_len} positions ---")
-        if cfg.show_experts:
-            show_experts(model, tokenizer, out[0].tolist(), os.path.join(cfg.out_dir, "experts.png"))
+    if len(prompts) > 1 or cfg.num_samples > 1:
+        return serve_all(model, tokenizer, texts, prompts, cfg)
+    out = stream_one(model, tokenizer, texts[0], prompts[0], cfg, device)
+    if cfg.show_experts:
+        show_experts(model, tokenizer, out, os.path.join(cfg.out_dir, "experts.png"))
 
 
 if __name__ == "__main__":

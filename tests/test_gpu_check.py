@@ -8,7 +8,7 @@ import torch
 
 from test_train import run
 
-PARTS = ("tests", "train", "attention", "experts", "decode", "torchrun")
+PARTS = ("tests", "train", "attention", "experts", "decode", "serving", "torchrun")
 
 
 def test_the_dry_run_runs_every_part(corpora):
@@ -20,6 +20,7 @@ def test_the_dry_run_runs_every_part(corpora):
     for part in PARTS[1:]:  # everything else has a CPU version
         assert f"| {part} | ok |" in rows[part], rows[part]
     assert "tokens/s" in rows["train"] and "vs masked SDPA" in rows["attention"] and "gloo" in rows["torchrun"]
+    assert "greedy tokens equal to generate's: 192/192" in rows["serving"]  # (fp32 on the CPU: exactly)
 
 
 def test_a_failing_part_is_reported_and_the_others_still_run():

@@ -176,7 +176,7 @@ def test_a_sharded_item_that_is_not_data_is_refused_before_it_is_unpickled(tmp_p
 @pytest.mark.parametrize("nproc, flags, differ", [
     (3, ["--parallel=fsdp"], "world_size: checkpoint 2, now 3"),
     (2, [], "parallel: checkpoint 'fsdp', now 'ddp'"),
-    (2, ["--parallel=fsdp", "--resume=False"], "holds a run (sharded, metrics.jsonl), and --resume=False would overwrite"),
+    (2, ["--parallel=fsdp", "--resume=False"], "holds a run (sharded, metrics.jsonl), and --resume=False would"),
 ])
 def test_a_sharded_run_refuses_another_world_size_or_layout(runs, nproc, flags, differ):
     out = runs["fsdp"]
@@ -207,6 +207,7 @@ def test_a_damaged_sharded_checkpoint_is_refused_in_one_line_by_every_reader(run
     damage(out, out / "sharded" / (out / "sharded" / "latest").read_text().strip())
     done = run([sys.executable, "checkpoint.py", str(out)])
     assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
-    done = run(TORCHRUN + ["--nproc_per_node=2", "train.py", write_config(tmp_path / "again.py", out), "--parallel=fsdp"])
+    config = write_config(tmp_path / "again.py", out)
+    done = run(TORCHRUN + ["--nproc_per_node=2", "train.py", config, "--parallel=fsdp"])
     ranks = done.stderr.split("Traceback (most recent call last):\n  File")[0]  # (torchrun's own report follows)
     assert done.returncode != 0 and ranks.count(message) == 2 and "Traceback" not in ranks, done.stderr[-3000:]

@@ -40,10 +40,16 @@ def char_run(tmp_path_factory, corpora):
     (["--device=mps"], "device must be auto, cpu, cuda or cuda:N"),
     (["--seed=-1"], "seed must be a whole number in [0, 2**32); got -1"),
     (["--out_dir=README.md"], "README.md is a file; --out_dir names the folder train.py wrote a run into"),
+    (["--prompts=/no/such/prompts.txt"], "cannot read the prompt file /no/such/prompts.txt"),
+    (["--prompts=/dev/null"], "the prompt file /dev/null has no prompts"),
+    (["--kv_cache_mib=0"], "kv_cache_mib must be > 0"),
+    (["--num_samples=2", "--show_experts"], "--show_experts shades one sample: use it with num_samples=1"),
+    (["--kv_cache_mib=0.0001", "--num_samples=2"], "cannot serve these samples: a KV budget of 104 bytes holds no"),
 ])
 def test_sample_bad_inputs(char_run, args, message):
     before = sorted(os.listdir(char_run))
-    result = run([sys.executable, "sample.py", f"--out_dir={char_run}", "--show_experts", *args])
+    shading = [] if any(a.startswith(("--num_samples", "--prompts")) for a in args) else ["--show_experts"]
+    result = run([sys.executable, "sample.py", f"--out_dir={char_run}", *shading, *args])
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert sorted(os.listdir(char_run)) == before  # (--show_experts would have written experts.png)
@@ -112,3 +118,21 @@ def test_a_tiny_temperature_samples_the_most_likely_token(char_run):
                          f"--temperature={t}"]) for t in ("1e-30", "0"))
     assert tiny.returncode == 0 and "Traceback" not in tiny.stderr, tiny.stderr[-2000:]
     assert tiny.stdout.split("---")[2] == greedy.stdout.split("---")[2]
+
+
+def test_samples_served_together_are_each_the_sample_streamed_alone(char_run, tmp_path):
+    """sample.py's two paths: several prompts through engine.py's batch, and each one alone through generate."""
+    prompts = ["ROMEO:", "JULIET: O", "First Citizen:\\nBefore"]  # (a line's \\n is a newline of the prompt)
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    served = run([sys.executable, "sample.py", f"--out_dir={char_run}", f"--prompts={tmp_path / 'prompts.txt'}",
+                  "--num_samples=2", "--temperature=0", "--max_new_tokens=25"])
+    assert served.returncode == 0 and "Traceback" not in served.stderr, served.stderr[-2000:]
+    assert "6 samples, 150 tokens" in served.stdout
+    for i, prompt in enumerate(prompts):
+        prompt = prompt.replace("\\n", "\n")
+        alone = run([sys.executable, "sample.py", f"--out_dir={char_run}", f"--start={prompt}", "--temperature=0",
+                     "--max_new_tokens=25"])
+        text = alone.stdout.split("---")[0]  # (the prompt and its sample; then the timing line)
+        for n in (1, 2):
+            header = f"--- prompt {i + 1}/3, sample {n}/2 (25 tokens, max_new_tokens) ---\n"
+            assert header + text.rstrip("\n") + "\n" in served.stdout, (header, text, served.stdout)

@@ -471,7 +471,8 @@ def finite_loss_and_gradient(path):
     x = torch.randint(0, 65, (2, 16))
     _, loss = gpt(x, x.roll(-1, 1))
     loss.backward()
-    return bool(torch.isfinite(loss)) and all(torch.isfinite(p.grad).all() for p in gpt.parameters() if p.grad is not None)
+    grads = [p.grad for p in gpt.parameters() if p.grad is not None]
+    return bool(torch.isfinite(loss)) and all(torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize("lr_fraction,wild_steps,stopped_by", [
