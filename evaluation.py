@@ -46,6 +46,9 @@ def progress(record):
     experts = record["experts_per_token"]
     if experts:
         postfix["k"] = f"{sum(experts) / len(experts):.2f}"
+    loads = [layer for layer in record["tokens_per_expert"] if sum(layer) > 0]
+    if loads:  # the busiest expert's load over the mean, in the worst layer: 1.00 is perfectly even
+        postfix["load"] = f"{max(max(layer) * len(layer) / sum(layer) for layer in loads):.2f}"
     if "ep_rows" in record:
         postfix["ep max/mean"] = f"{max(max(r) / max(sum(r) / len(r), 1e-9) for r in record['ep_rows']):.2f}"
     if record["mfu"] is not None:

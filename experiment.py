@@ -2,11 +2,11 @@
 Does the recipe work? Four experiments that measure its claims at laptop scale, one command each.
 
     python experiment.py hybrid          # all-global attention vs 3 local : 1 global with shared K/V
-    python experiment.py routing         # dense MLP vs top-2 vs top-p experts; which tokens get more experts
+    python experiment.py routing         # dense vs top-2 vs top-p (controlled, bias-balanced, fixed p) experts
     python experiment.py stages          # three stages vs one stage of the same tokens and peak lr
     python experiment.py long_context    # 128 -> 512 tokens: RoPE base kept, base raised, or no extension
     python experiment.py all
-    python experiment.py routing --seeds=[1,2,3] --scale=0.2    # a third seed; a fifth of the steps
+    python experiment.py hybrid --seeds=[1,2,3] --scale=0.2     # a third seed; a fifth of the steps
 
 Each experiment trains every arm once per seed with train.py. An arm is one or two config files under
 config/ (config/experiments/<experiment>.py holds what the arms share), and the exact command of every run is
@@ -30,7 +30,8 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -48,13 +49,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (after plot, which picks the Agg 
 
 @dataclass
 class ExperimentConfig:
-    seeds: list = field(default_factory=lambda: [1, 2])  # one run of every arm per seed
+    seeds: Optional[list] = None        # one run of every arm per seed; None: SEEDS's for the experiment
     scale: float = 1.0                  # every stage's steps (and warmup) times this: < 1 for a quick look
     out_dir: str = "out/experiments"    # an experiment writes <out_dir>/<name>/
     decode_tokens: int = 4096           # hybrid: tokens decoded to time decoding and its memory at long context
 
     def __post_init__(self):
-        need(self.seeds and all(cli.valid_seed(s) for s in self.seeds) and len(set(self.seeds)) == len(self.seeds),
+        need(self.seeds is None or self.seeds and all(cli.valid_seed(s) for s in self.seeds) and
+             len(set(self.seeds)) == len(self.seeds),
              f"seeds must be a non-empty list of distinct whole numbers in [0, 2**32), e.g. [1, 2]; got {self.seeds!r}")
         need(math.isfinite(self.scale) and self.scale > 0, f"scale must be > 0; got {self.scale}")
         need(self.decode_tokens >= 1, f"decode_tokens must be >= 1; got {self.decode_tokens}")
@@ -69,7 +71,9 @@ ARMS = {
                "hybrid": [ARM_DIR + "hybrid.py", ARM_DIR + "hybrid_hybrid.py"]},
     "routing": {"dense": [ARM_DIR + "routing.py", ARM_DIR + "routing_dense.py"],
                 "top2": [ARM_DIR + "routing.py", ARM_DIR + "routing_top2.py"],
-                "top_p": [ARM_DIR + "routing.py", ARM_DIR + "routing_top_p.py"]},
+                "top_p": [ARM_DIR + "routing.py", ARM_DIR + "routing_top_p.py"],
+                "top_p_bias": [ARM_DIR + "routing.py", ARM_DIR + "routing_top_p_bias.py"],
+                "top_p_fixed": [ARM_DIR + "routing.py", ARM_DIR + "routing_top_p_fixed.py"]},
     "stages": {"three_stages": ["config/default.py"],  # the quickstart run itself
                "one_stage": ["config/default.py", ARM_DIR + "stages.py"]},
     "long_context": {"none": [ARM_DIR + "long_context.py", ARM_DIR + "long_context_none.py"],
@@ -77,6 +81,7 @@ ARMS = {
                      "raised_base": [ARM_DIR + "long_context.py", ARM_DIR + "long_context_raised_base.py"]},
 }
 EXTRA_SETTINGS = {"stages": ["--eval_interval=250"]}  # what every run of an experiment adds (an accuracy curve)
+SEEDS = {"routing": [1, 2, 3]}  # the seeds of an experiment run without --seeds (others: [1, 2])
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -287,24 +292,34 @@ PASSAGE = ("ROMEO:\nBut soft, what light through yonder window breaks?\n\n3+4=7\
 
 @torch.no_grad()
 def routing_stats(model, tokenizer, corpora, seq_len=128, batch_size=8, iters=8):
-    """What top-p routing did on the val data: experts per token overall, by corpus, by MoE layer, by loss
-    decile, their rank correlation with the token's loss, and on arithmetic answers by difficulty level."""
-    losses, experts, by_corpus, by_layer = [], [], {}, []
+    """What an MoE model's routing did on the val data: experts per token overall, by corpus, by MoE layer and by
+    loss decile; the load (the busiest expert's tokens over the mean, per layer); the rank correlation of a token's
+    loss with its experts pooled, within each corpus, and within each kind of token (the token it predicts a digit
+    or not: a digit costs about ln 10 whatever the problem); and on arithmetic answers by difficulty level."""
+    digits = torch.tensor(tokenizer.encode("0123456789"))
+    losses, experts, is_digit, by_corpus, within, by_layer, load = [], [], [], {}, {}, [], 0
     for name in corpora:
-        seen = []
-        for _, parts in evaluation.val_batches(model, tokenizer, name, seq_len, batch_size, iters):
+        seen, lost, kinds = [], [], []
+        for y, parts in evaluation.val_batches(model, tokenizer, name, seq_len, batch_size, iters):
             per_layer = torch.stack([r.experts_per_token.float() for r in parts.routing])  # (layers, B, T)
             by_layer.append(per_layer.mean((1, 2)))
-            losses.append(parts.token_loss.flatten())
+            load = load + torch.stack([r.tokens_per_expert.float() for r in parts.routing])
+            lost.append(parts.token_loss.flatten())
             seen.append(per_layer.mean(0).flatten())
-        experts += seen
+            kinds.append(torch.isin(y.flatten(), digits))
         by_corpus[name] = torch.cat(seen).mean().item()
-    loss, experts = torch.cat(losses), torch.cat(experts)
+        within[name] = evaluation.spearman(torch.cat(lost), torch.cat(seen))
+        losses, experts, is_digit = losses + lost, experts + seen, is_digit + kinds
+    loss, experts, is_digit = torch.cat(losses), torch.cat(experts), torch.cat(is_digit)
     order = loss.argsort()
     deciles = [(loss[i].mean().item(), experts[i].mean().item()) for i in order.chunk(10)]
     return {"experts_per_token": experts.mean().item(), "by_corpus": by_corpus,
             "by_layer": torch.stack(by_layer).mean(0).tolist(),
+            "load_max_mean": (load.max(1).values / load.mean(1)).tolist(),
             "spearman_loss_experts": evaluation.spearman(loss, experts),
+            "spearman_within_corpus": within,
+            "spearman_within_kind": {"digit": evaluation.spearman(loss[is_digit], experts[is_digit]),
+                                     "not digit": evaluation.spearman(loss[~is_digit], experts[~is_digit])},
             "by_loss_decile": deciles, **answers_by_level(model, tokenizer)}
 
 
@@ -323,13 +338,24 @@ def answer_batch(tokenizer, problems):
 
 
 def answers_by_level(model, tokenizer, per_level=100):
+    """Experts and loss on arithmetic answers by level: over every answer position, and at the first one alone
+    (the same position in every problem: where the answer's first digit is computed)."""
     problems = evaluation.read_problems(per_level)
     idx, targets, mask = answer_batch(tokenizer, problems)
     _, _, parts = model(idx, targets, parts=True)
     experts = torch.stack([r.experts_per_token.float() for r in parts.routing]).mean(0)
-    levels = [p["difficulty"] for p in problems]
+    levels, first = [p["difficulty"] for p in problems], mask & (mask.cumsum(1) == 1)
     return {"answer_experts_by_level": evaluation.mean_by_group(experts, mask, levels),
-            "answer_loss_by_level": evaluation.mean_by_group(parts.token_loss, mask, levels)}
+            "answer_loss_by_level": evaluation.mean_by_group(parts.token_loss, mask, levels),
+            "first_answer_experts_by_level": evaluation.mean_by_group(experts, first, levels),
+            "first_answer_loss_by_level": evaluation.mean_by_group(parts.token_loss, first, levels)}
+
+
+# The top-p arms whose routing is read, and the difficulty question's headline, fixed before the runs: in the arm
+# whose mean experts nothing holds (fixed p), (1) the within-corpus rank correlation of loss and experts, averaged
+# over the corpora, and (2) experts at the first answer token of held-out problems, level 4 against level 2.
+TOP_P_ARMS = ("top_p", "top_p_bias", "top_p_fixed")
+HEADLINE_ARM, HEADLINE_LEVELS = "top_p_fixed", (2, 4)
 
 
 def routing(cfg, runs, folder):
@@ -337,72 +363,102 @@ def routing(cfg, runs, folder):
     results, models = {"arms": {}}, {arm: [load_run(r) for r in dirs] for arm, dirs in runs.items()}
     for arm, dirs in runs.items():
         stats = [routing_stats(m, t, corpora) if m.moe_layers() else None for m, t in models[arm]]
-        experts = [s["experts_per_token"] if s else None for s in stats]
         results["arms"][arm] = {
             "val_bpb": {c: [last_eval(r)["val_bpb"][c] for r in dirs] for c in corpora},
             "params": models[arm][0][0].num_params(),
             "active_params": [m.num_params(True, s["by_layer"]) if s else m.num_params(True) for (m, _), s in
                               zip(models[arm], stats)],
-            "experts_per_token": experts, "routing": stats}
+            "experts_per_token": [s["experts_per_token"] if s else None for s in stats],
+            "load_max_mean": [max(s["load_max_mean"]) if s else None for s in stats], "routing": stats}
     a = results["arms"]
-    lines = ["Val bits per byte at the end, and what a token uses:", ""]
-    lines += markdown(["arm", "params", "active params/token", "routed experts/token"] + corpora,
+    moe = lambda arm, key, digits: cell(a[arm][key], digits) if a[arm]["routing"][0] else "dense"  # noqa: E731
+    lines = ["Val bits per byte at the end, what a token uses, and how evenly the experts are loaded (the busiest "
+             "expert's tokens over the mean, in the worst MoE layer; 1.00 is even):", ""]
+    lines += markdown(["arm", "params", "active params/token", "routed experts/token", "load max/mean"] + corpora,
                       [[arm, f"{a[arm]['params']:,}", cell(a[arm]["active_params"], 0),
-                        cell(a[arm]["experts_per_token"], 2) if a[arm]["routing"][0] else "dense"] + row[1:]
+                        moe(arm, "experts_per_token", 2), moe(arm, "load_max_mean", 2)] + row[1:]
                        for arm, row in zip(runs, bpb_rows(runs, corpora))])
-    lines += difficulty_table(a["top_p"]["routing"])
-    verdicts = [compare(f"val bpb {c}", "top_p", a["top_p"]["val_bpb"][c], other, a[other]["val_bpb"][c])
-                for other in ("top2", "dense") for c in corpora]
-    verdicts += difficulty_verdicts(a["top_p"]["routing"])
-    plot_difficulty(a["top_p"]["routing"], folder)
-    model, tokenizer = models["top_p"][0]
+    lines += difficulty_table({arm: a[arm]["routing"] for arm in TOP_P_ARMS})
+    pairs = [("top_p", "top2"), ("top_p", "dense"), ("top_p_bias", "top_p"), ("top_p_fixed", "top_p")]
+    verdicts = [compare(f"val bpb {c}", x, a[x]["val_bpb"][c], y, a[y]["val_bpb"][c]) for x, y in pairs
+                for c in corpora]
+    verdicts += [compare("load max/mean, worst MoE layer", "top_p_bias", a["top_p_bias"]["load_max_mean"], other,
+                         a[other]["load_max_mean"], digits=2) for other in ("top_p", "top2")]
+    verdicts += difficulty_verdicts({arm: a[arm]["routing"] for arm in TOP_P_ARMS})
+    plot_difficulty({arm: a[arm]["routing"] for arm in TOP_P_ARMS}, folder)
+    model, tokenizer = models[HEADLINE_ARM][0]
     show_experts(model, tokenizer, [tokenizer.eot] + tokenizer.encode(PASSAGE), os.path.join(folder, "passage.png"))
     return results, lines, verdicts
 
 
-def difficulty_table(stats):
-    """The top-p arm's experts per token by what the token is, mean ± half-range over seeds."""
-    levels = list(stats[0]["answer_experts_by_level"])
-    rows = [["all val tokens", cell([s["experts_per_token"] for s in stats], 2)]]
-    rows += [[f"val {c}", cell([s["by_corpus"][c] for s in stats], 2)] for c in stats[0]["by_corpus"]]
-    rows += [[f"MoE layer {i + 1} (of {len(stats[0]['by_layer'])})", cell([s["by_layer"][i] for s in stats], 2)]
-             for i in range(len(stats[0]["by_layer"]))]
-    rows += [[f"arith answers, level {lv} (answer loss {cell([s['answer_loss_by_level'][lv] for s in stats], 2)})",
-              cell([s["answer_experts_by_level"][lv] for s in stats], 2)] for lv in levels]
-    rows += [["Spearman rank correlation, token loss vs experts",
-              cell([s["spearman_loss_experts"] for s in stats], 3)]]
-    return ["", "top-p arm: routed experts per token (mean over MoE layers) by what the token is:", ""] + \
-        markdown(["tokens", "routed experts/token"], rows)
+def level_name(lv):
+    return f"level {lv}" + (" (val problems seen in training)" if int(lv) == 1 else "")
 
 
-def difficulty_verdicts(stats):
-    rho = [s["spearman_loss_experts"] for s in stats]
-    levels = list(stats[0]["answer_experts_by_level"])
-    lo, hi = levels[0], max(levels, key=lambda lv: sum(s["answer_loss_by_level"][lv] for s in stats))
-    sign = ("undefined: every token got the same number of experts" if any(math.isnan(r) for r in rho) else
-            "positive in every seed" if min(rho) > 0 else "negative in every seed" if max(rho) < 0 else
+def difficulty_table(arms):
+    """Each top-p arm's experts per token by what the token is, and the rank correlations, mean ± half-range."""
+    first = next(iter(arms.values()))[0]
+    layers, levels = range(len(first["by_layer"])), list(first["answer_experts_by_level"])
+    rows = [("all val tokens", lambda s: s["experts_per_token"], 2)]
+    rows += [(f"val {c}", lambda s, c=c: s["by_corpus"][c], 2) for c in first["by_corpus"]]
+    rows += [(f"MoE layer {i + 1} (of {len(layers)})", lambda s, i=i: s["by_layer"][i], 2) for i in layers]
+    rows += [(f"MoE layer {i + 1}: load max/mean", lambda s, i=i: s["load_max_mean"][i], 2) for i in layers]
+    rows += [(f"arith answers, {level_name(lv)}", lambda s, lv=lv: s["answer_experts_by_level"][lv], 2)
+             for lv in levels]
+    rows += [(f"first answer token, {level_name(lv)}", lambda s, lv=lv: s["first_answer_experts_by_level"][lv], 2)
+             for lv in levels]
+    rows += [(f"first answer token's loss, {level_name(lv)}", lambda s, lv=lv: s["first_answer_loss_by_level"][lv],
+              2) for lv in levels]
+    rows += [("Spearman(token loss, experts), all val tokens", lambda s: s["spearman_loss_experts"], 3)]
+    rows += [(f"Spearman within {c}", lambda s, c=c: s["spearman_within_corpus"][c], 3) for c in first["by_corpus"]]
+    rows += [(f"Spearman within tokens predicting {k}", lambda s, k=k: s["spearman_within_kind"][k], 3)
+             for k in first["spearman_within_kind"]]
+    return ["", "The top-p arms: routed experts per token (mean over MoE layers) by what the token is, and the rank "
+            "correlation of a token's loss with its experts:", ""] + markdown(
+        ["tokens"] + list(arms), [[label] + [cell([get(s) for s in stats], d) for stats in arms.values()]
+                                  for label, get, d in rows])
+
+
+def sign_over_seeds(values):
+    return ("undefined: every token got the same number of experts" if any(math.isnan(v) for v in values) else
+            "positive in every seed" if min(values) > 0 else "negative in every seed" if max(values) < 0 else
             "its sign varies with the seed")
-    return [f"harder tokens, more experts? Spearman(token loss, experts) = {cell(rho, 3)} over seeds ({sign})",
-            compare(f"experts on arithmetic answers, hardest level by loss ({hi}) vs level {lo}", f"level {hi}",
-                    [s["answer_experts_by_level"][hi] for s in stats], f"level {lo}",
-                    [s["answer_experts_by_level"][lo] for s in stats], higher_is_better=True).replace(
-                        "is better than", "gets more experts than")]
 
 
-def plot_difficulty(stats, folder):
+def difficulty_verdicts(arms):
+    """Do harder tokens get more experts? The headline (HEADLINE_ARM, fixed before the runs) first."""
+    lo, hi = HEADLINE_LEVELS
+    verdicts = []
+    for arm in sorted(arms, key=lambda arm: arm != HEADLINE_ARM):
+        stats, tag = arms[arm], "headline, " if arm == HEADLINE_ARM else ""
+        within = [sum(s["spearman_within_corpus"].values()) / len(s["spearman_within_corpus"]) for s in stats]
+        pooled = [s["spearman_loss_experts"] for s in stats]
+        verdicts += [f"{arm} ({tag}harder tokens, more experts?): Spearman(token loss, experts) within a corpus, "
+                     f"mean over corpora = {cell(within, 3)} ({sign_over_seeds(within)}); pooled over corpora "
+                     f"{cell(pooled, 3)} ({sign_over_seeds(pooled)})",
+                     compare(f"{arm} ({tag}experts at the first answer token, held out): level {hi} vs level {lo}",
+                             f"level {hi}", [s["first_answer_experts_by_level"][hi] for s in stats], f"level {lo}",
+                             [s["first_answer_experts_by_level"][lo] for s in stats], higher_is_better=True,
+                             digits=2).replace("is better than", "gets more experts than")]
+    return verdicts
+
+
+def plot_difficulty(arms, folder):
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    n = len(stats[0]["by_loss_decile"])
-    error_bars(axes[0], range(1, n + 1), [[s["by_loss_decile"][i][1] for s in stats] for i in range(n)])
-    axes[0].set(xlabel="token loss decile (1 = easiest)", ylabel="routed experts per token",
-                title=f"Experts by loss (Spearman {cell([s['spearman_loss_experts'] for s in stats], 2)})")
-    levels = list(stats[0]["answer_experts_by_level"])
-    error_bars(axes[1], levels, [[s["answer_experts_by_level"][lv] for s in stats] for lv in levels])
-    axes[1].set(xlabel="arith level (1: 1-digit +-, 2-4: more digits, 5: products)", title="Experts on arith answers")
-    names = list(stats[0]["by_corpus"])
-    error_bars(axes[2], names, [[s["by_corpus"][c] for s in stats] for c in names], ls="none")
+    for arm, stats in arms.items():
+        n = len(stats[0]["by_loss_decile"])
+        error_bars(axes[0], range(1, n + 1), [[s["by_loss_decile"][i][1] for s in stats] for i in range(n)], label=arm)
+        levels = list(stats[0]["first_answer_experts_by_level"])
+        error_bars(axes[1], levels, [[s["first_answer_experts_by_level"][lv] for s in stats] for lv in levels])
+        names = list(stats[0]["by_corpus"])
+        error_bars(axes[2], names, [[s["by_corpus"][c] for s in stats] for c in names], ls="none")
+        layers = range(1, len(stats[0]["by_layer"]) + 1)
+        error_bars(axes[3], list(layers), [[s["by_layer"][i - 1] for s in stats] for i in layers])
+    axes[0].set(xlabel="token loss decile (1 = easiest)", ylabel="routed experts per token", title="Experts by loss")
+    axes[0].legend(fontsize=8)
+    axes[1].set(xlabel="arith level (1: seen in training; 2-4: more digits; 5: products)",
+                title="Experts at the first answer token")
     axes[2].set(title="Experts by corpus")
-    layers = range(1, len(stats[0]["by_layer"]) + 1)
-    error_bars(axes[3], list(layers), [[s["by_layer"][i - 1] for s in stats] for i in layers])
     axes[3].set(xlabel="MoE layer (1 = lowest)", title="Experts by layer")
     for ax in axes:
         ax.title.set_fontsize(10)
@@ -524,14 +580,15 @@ def json_ready(x):
 
 
 def run_experiment(cfg, name):
-    t0 = time.time()
+    t0, cfg = time.time(), replace(cfg, seeds=cfg.seeds or SEEDS.get(name, [1, 2]))
     runs = train_all(cfg, name)
     folder = os.path.join(cfg.out_dir, name)
     print(f"\n[{name}] measuring the trained models", flush=True)
     results, lines, verdicts = EXPERIMENTS[name](cfg, runs, folder)
     minutes = (time.time() - t0) / 60
-    command = " ".join(["python experiment.py", name] + [f"--{k}={v}" for k, v in asdict(cfg).items()
-                                                         if v != getattr(ExperimentConfig(), k)])
+    default = replace(ExperimentConfig(), seeds=SEEDS.get(name, [1, 2]))
+    command = " ".join(["python experiment.py", name] + [f"--{k}={v}".replace(" ", "") for k, v in asdict(cfg).items()
+                                                         if v != getattr(default, k)])
     results.update(command=command, seeds=cfg.seeds, scale=cfg.scale, minutes=minutes,
                    runs={arm: [" ".join(shlex.quote(c) for c in train_command(cfg, name, arm, s)[0][1:])
                                for s in cfg.seeds] for arm in runs}, verdicts=verdicts)

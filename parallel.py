@@ -167,6 +167,8 @@ def build(config, parallel, ep, device, bf16, verbose=True):
     spread(model, parallel, ep, torch.device(device).type, bf16)
     allocated(lambda: model.to_empty(device=device), device)
     model.tie_weights()  # (to_empty makes each module's weight anew, which unties a weight two modules share)
+    for buffer in model.buffers():  # (the experts' balancing biases, all of the model's buffers: they start at 0)
+        buffer.zero_()
     with torch.no_grad():
         for w, std in weight_inits(model, config.n_layer):
             whole = torch.ones(w.shape) if std is None else torch.empty(w.shape).normal_(0, std)

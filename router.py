@@ -9,8 +9,18 @@ carry the router's confidence). The paper uses p = 0.4, a Switch-style balance l
 entropy "dynamic loss" (weight 1e-4) that stops the router from spreading probability just to buy more
 experts; it reports 1.76 experts per token on average. Yi-Lightning adds balance across expert groups.
 
-Read top to bottom: the router's settings, the selection rules, the losses, then the layer and its dropless
-dispatch. Imports only torch.
+Balancing the experts' load. The losses below (Switch's balance loss) pull the router's probabilities toward
+uniform, and so the very probabilities top-p reads. DeepSeek-V3's auxiliary-loss-free balancing instead adds a
+per-expert bias b_e to the scores that *choose* experts, never to the gates that weight them, and after each
+optimizer step moves it by a fixed rate against the sign of the expert's load error: b_e += rate * sign(mean
+load - load_e). Top-p needs a rule for it, as its threshold is on probability mass. The rule here: rank the
+experts by p_e + b_e, then keep them in that order until the kept *probabilities* p_e reach p. The bias decides
+who is chosen and in what order; the mass, the threshold and the gates stay the router's own, so a token the
+bias steers to a less likely expert needs more experts to reach p (the bias costs compute there, not
+confidence). Top-k ranks by p_e + b_e and keeps k. With b = 0 both rules are the plain ones.
+
+Read top to bottom: the router's settings, the selection rules, the losses and the bias update, then the layer
+and its dropless dispatch. Imports only torch.
 """
 
 import math
@@ -41,6 +51,7 @@ class RouterConfig:
     z_loss: float = 1e-3             # weight of the router z-loss (ST-MoE)
     target_experts: Optional[float] = None  # if set, a controller moves top_p to hold this many experts/token
     controller_gain: float = 0.05    # how far the controller moves top_p per step, per expert of error / E
+    bias_rate: float = 0.0           # loss-free balancing: per step, each expert's bias moves this much (0: off)
 
     def __post_init__(self):
         for f in fields(self):  # types first: a stage's router dict does not pass through the parser
@@ -53,7 +64,7 @@ class RouterConfig:
                 raise ValueError(f"router setting {f.name} must be a finite number; got {value}")
         bad = [f"{name} must be >= {low}; got {getattr(self, name)}" for name, low in
                [("top_k", 1), ("min_k", 1), ("n_expert_groups", 1), ("balance_loss", 0), ("group_balance_loss", 0),
-                ("entropy_loss", 0), ("z_loss", 0)] if not getattr(self, name) >= low]
+                ("entropy_loss", 0), ("z_loss", 0), ("bias_rate", 0)] if not getattr(self, name) >= low]
         if self.routing not in ("top_p", "top_k"):
             bad.insert(0, f"routing must be 'top_p' or 'top_k'; got {self.routing!r}")
         if not 0 < self.top_p <= 1:
@@ -99,14 +110,19 @@ def _unsort(order, kept):
     return torch.empty_like(kept).scatter_(-1, order, kept)
 
 
-def _sorted(probs):
-    """Descending sort; stable, so ties go to the lower expert index."""
-    return probs.sort(dim=-1, descending=True, stable=True)
+def _sorted(probs, bias=None):
+    """(probabilities, experts) in descending order of probability + bias (bias (E,), or None: 0); stable, so
+    ties go to the lower expert index."""
+    if bias is None:
+        return probs.sort(dim=-1, descending=True, stable=True)
+    order = (probs + bias).sort(dim=-1, descending=True, stable=True).indices
+    return probs.gather(-1, order), order
 
 
-def top_p_mask(probs, p, min_k=1, max_k=None):
-    """Bool (N, E) mask: per row, the smallest set of highest-probability experts whose probabilities sum
-    to >= p, then clamped to between min_k and max_k experts. p >= 1 selects every expert."""
+def top_p_mask(probs, p, min_k=1, max_k=None, bias=None):
+    """Bool (N, E) mask: per row, the experts in descending order of probability (+ bias, when given: the
+    balancing bias ranks, the probabilities count) until their probabilities sum to >= p, then clamped to
+    between min_k and max_k experts. p >= 1 selects every expert."""
     _check_probs(probs)
     E = probs.shape[1]
     max_k = E if max_k is None else max_k
@@ -116,7 +132,7 @@ def top_p_mask(probs, p, min_k=1, max_k=None):
         raise ValueError(f"min_k must be in [1, n_experts={E}]; got {min_k}")
     if not min_k <= max_k <= E:
         raise ValueError(f"max_k must be in [min_k={min_k}, n_experts={E}]; got {max_k}")
-    values, order = _sorted(probs)
+    values, order = _sorted(probs, bias)
     if p >= 1:
         kept = torch.ones_like(values, dtype=torch.bool)
     else:
@@ -134,12 +150,13 @@ def top_p_mask(probs, p, min_k=1, max_k=None):
     return _unsort(order, kept)
 
 
-def top_k_mask(probs, k):
-    """Bool (N, E) mask of the k highest-probability experts per row (ties to the lower expert index)."""
+def top_k_mask(probs, k, bias=None):
+    """Bool (N, E) mask of the k experts per row of highest probability (+ bias, when given), ties to the lower
+    expert index."""
     _check_probs(probs)
     if not 1 <= k <= probs.shape[1]:
         raise ValueError(f"top_k must be in [1, n_experts={probs.shape[1]}]; got {k}")
-    order = _sorted(probs).indices
+    order = _sorted(probs, bias)[1]
     kept = torch.zeros_like(order, dtype=torch.bool)
     kept[:, :k] = True
     return _unsort(order, kept)
@@ -175,6 +192,13 @@ def router_entropy(probs):
 def router_z_loss(logits):
     """Mean squared log-partition of the router logits (ST-MoE): keeps the logits small and stable."""
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def bias_update(bias, load, rate):
+    """The balancing bias after one optimizer step: each expert's moves by `rate` against the sign of its load
+    error, b_e + rate * sign(mean(load) - load_e) (DeepSeek-V3). load (E,): the tokens each expert got in the
+    step; the sign does not change when it is averaged over micro-steps and ranks instead of summed."""
+    return bias + rate * torch.sign(load.mean() - load)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -259,6 +283,8 @@ class MoE(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, n_embd, expert_hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, expert_hidden, n_embd))
         self.shared = SwiGLU(n_embd, n_shared * expert_hidden) if n_shared > 0 else None
+        # The balancing bias (bias_update): state, not a weight: it has no gradient, and checkpoints keep it.
+        self.register_buffer("expert_bias", torch.zeros(n_experts))
         # Expert parallelism (parallel.py) sets this to a callable (moe, xs, counts, gate) -> ys that sends each
         # row to the rank holding its expert and brings the result back; None runs every expert here.
         self.ep = None
@@ -275,10 +301,11 @@ class MoE(nn.Module):
             logits = F.linear(x.float(), self.router.weight.float())
         probs = logits.softmax(-1)
         c = self.config
+        bias = self.expert_bias.float()  # (zero unless bias_rate has moved it: then the plain rules)
         if c.routing == "top_p":
-            mask = top_p_mask(probs.detach(), c.top_p, c.min_k, c.max_k)
+            mask = top_p_mask(probs.detach(), c.top_p, c.min_k, c.max_k, bias)
         else:
-            mask = top_k_mask(probs.detach(), c.top_k)
+            mask = top_k_mask(probs.detach(), c.top_k, bias)
         return logits, probs, mask
 
     def forward(self, x):
@@ -342,6 +369,13 @@ class MoE(nn.Module):
         if c.z_loss:
             aux = aux + c.z_loss * router_z_loss(logits)
         return aux
+
+    def balance(self, load):
+        """After an optimizer step: move the balancing bias against the step's load (tokens per routed expert,
+        the same on every rank) when bias_rate > 0. Stays on the device: nothing is read back."""
+        if self.config.bias_rate > 0:
+            load = load.to(self.expert_bias.dtype)
+            self.expert_bias.copy_(bias_update(self.expert_bias, load, self.config.bias_rate))
 
     def controls_p(self):
         """Whether adjust_p does anything: top-p routing with a target for the experts per token."""

@@ -223,8 +223,7 @@ class Trainer:
         self.meta = tokenizer.meta()  # what sample.py needs to rebuild the tokenizer
         self.setup_device()
         self.master, self.world_size = self.ranks.master, self.ranks.size
-        self.stage_steps = [s.num_steps(self.world_size) for s in cfg.stages]
-        self.corpora = cfg.corpora()
+        self.stage_steps, self.corpora = [s.num_steps(self.world_size) for s in cfg.stages], cfg.corpora()
         self.problems = (evaluation.read_problems(cfg.arith_per_level)
                          if "arith" in self.corpora and cfg.arith_per_level > 0 else [])
         # Every rank starts from the same weights (FSDP and EP build only their part), then draws its own randomness.
@@ -291,8 +290,7 @@ class Trainer:
             for step in range(state["step"], self.stage_steps[s]):
                 lr = cfg.lr * lr_at(cfg.stages, s, step, self.world_size)
                 stats = self.train_step(loader, stage, lr)
-                state["step"] += 1
-                state["global_step"] += 1
+                state.update(step=state["step"] + 1, global_step=state["global_step"] + 1)
                 state["tokens"] += stage.batch_size * stage.seq_len * stage.grad_accum * self.world_size
                 stage_done = state["step"] == self.stage_steps[s]
                 if state["step"] % cfg.log_interval == 0 or stage_done:
@@ -354,6 +352,8 @@ class Trainer:
                                  f"({stats['grad_norm'].item()}) in stage {stage.name!r} step {self.state['step']}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for moe, load in zip(self.moes, stats["tokens_per_expert"]):  # (loss-free balancing, if bias_rate > 0)
+            moe.balance(load)
         if any(m.controls_p() for m in self.moes):  # the controller needs the numbers now: one read per step
             for moe, k in zip(self.moes, stats["experts_per_token"].tolist()):
                 moe.adjust_p(k)

@@ -14,9 +14,15 @@ import time
 import pytest
 import torch
 
-from test_train import ROOT, STAGES, run, train_records, write_config
+from test_train import ROOT, STAGES, run, train_records
+from test_train import write_config as train_config
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+def write_config(path, out_dir, **settings):
+    """test_train's run, with loss-free balancing on as well: every layout must give one process's bias too."""
+    return train_config(path, out_dir, router={"bias_rate": 1e-2}, **settings)
+
+
 LAYOUTS = {"ddp": [], "fsdp": ["--parallel=fsdp"], "ddp_ep2": ["--ep=2"], "fsdp_ep2": ["--parallel=fsdp", "--ep=2"]}
 
 
@@ -51,6 +57,26 @@ def test_every_layout_gives_one_process_losses(runs, layout):
             assert all(len(ranks) == 2 for ranks in r["ep_rows"])
             assert [sum(ranks) for ranks in r["ep_rows"]] == pytest.approx(
                 [2 * sum(layer) for layer in r["tokens_per_expert"]])
+
+
+def balancing_biases(out, copies):
+    """{name: tensor} of every MoE layer's balancing bias in a run's checkpoint (a sharded one consolidated in a
+    copy of the run, under copies)."""
+    import shutil
+    from checkpoint import consolidate
+    path = out / "ckpt.pt"
+    if not path.exists():
+        shutil.copytree(out, copies / out.name)
+        path = consolidate(str(copies / out.name))
+    return {k: v for k, v in torch.load(path, weights_only=True)["model"].items() if k.endswith("expert_bias")}
+
+
+def test_every_layout_gives_one_process_balancing_bias(runs, tmp_path):
+    expected = balancing_biases(runs["one"], tmp_path)
+    assert len(expected) == 3 and all(v.abs().sum() > 0 for v in expected.values())  # (14 updates moved them)
+    for layout in LAYOUTS:
+        got = balancing_biases(runs[layout], tmp_path)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), layout
 
 
 def test_expert_parallel_layer_and_shard_sizes(corpora):
@@ -101,6 +127,9 @@ def test_fsdp_killed_mid_stage_resumes_bit_for_bit(runs, tmp_path):
     got, expected = train_records(out), train_records(runs["fsdp"])
     assert [r["step"] for r in got] == list(range(1, 15))
     assert [r["loss"] for r in got] == [r["loss"] for r in expected]  # bitwise
+    copies = tmp_path / "copies"
+    resumed_bias, bias = balancing_biases(out, copies), balancing_biases(runs["fsdp"], copies)
+    assert all(torch.equal(resumed_bias[k], bias[k]) for k in bias)  # the bias resumed where it stopped
 
 
 def descendants(pid):
