@@ -57,39 +57,6 @@ class Result:
     done_s: float                       # seconds from serve() starting to its last
 
 
-def check_request(request, model, max_len):
-    """What is wrong with a request (a Request, or a dict of its settings), or None. max_len: a cache row's
-    positions."""
-    if isinstance(request, dict):
-        known = {f.name for f in fields(Request)}
-        if set(request) - known or "prompt" not in request:
-            return (f"unknown request setting(s) {sorted(set(request) - known)}; known: {sorted(known)}" if
-                    set(request) - known else "a request needs a prompt")
-        request = Request(**request)
-    if not isinstance(request, Request):
-        return f"a request must be an engine.Request or a dict of its settings; got {type(request).__name__}"
-    vocab = model.config.vocab_size
-    if not (isinstance(request.prompt, list) and request.prompt and
-            all(isinstance(t, int) and 0 <= t < vocab for t in request.prompt)):
-        return f"prompt must be a non-empty list of token ids below {vocab}"
-    if not (isinstance(request.max_new_tokens, int) and request.max_new_tokens >= 1):
-        return f"max_new_tokens must be a whole number >= 1; got {request.max_new_tokens!r}"
-    if not (isinstance(request.temperature, (int, float)) and 0 <= request.temperature < float("inf")):
-        return f"temperature must be a finite number >= 0; got {request.temperature!r}"
-    if request.top_k is not None and not (isinstance(request.top_k, int) and request.top_k >= 1):
-        return f"top_k must be a whole number >= 1 (or None); got {request.top_k!r}"
-    if request.top_p is not None and not (isinstance(request.top_p, float) and 0 < request.top_p <= 1):
-        return f"top_p must be in (0, 1] (or None); got {request.top_p!r}"
-    need = len(request.prompt) + request.max_new_tokens - 1  # (the last token is never fed back)
-    if need > max_len:
-        return f"prompt ({len(request.prompt)}) + max_new_tokens ({request.max_new_tokens}) needs {need} positions; " \
-               f"a row of this engine's cache holds {max_len}"
-    if LOCAL not in model.config.layout() and need > model.config.block_size:
-        return f"prompt + max_new_tokens needs {need} positions, past block_size ({model.config.block_size}), and " \
-               f"a model without local layers has never seen a position past it"
-    return None
-
-
 # -----------------------------------------------------------------------------------------------------
 # The ragged cache: rows of one KVCache, each with its own length
 
@@ -273,3 +240,39 @@ class Sequence:
 
     def result(self):
         return Result(self.index, self.tokens, self.finished, self.first_token_s, self.done_s)
+
+
+# -----------------------------------------------------------------------------------------------------
+# What a request must be
+
+def check_request(request, model, max_len):
+    """What is wrong with a request (a Request, or a dict of its settings), or None. max_len: a cache row's
+    positions."""
+    if isinstance(request, dict):
+        known = {f.name for f in fields(Request)}
+        if set(request) - known or "prompt" not in request:
+            return (f"unknown request setting(s) {sorted(set(request) - known)}; known: {sorted(known)}" if
+                    set(request) - known else "a request needs a prompt")
+        request = Request(**request)
+    if not isinstance(request, Request):
+        return f"a request must be an engine.Request or a dict of its settings; got {type(request).__name__}"
+    vocab = model.config.vocab_size
+    if not (isinstance(request.prompt, list) and request.prompt and
+            all(isinstance(t, int) and 0 <= t < vocab for t in request.prompt)):
+        return f"prompt must be a non-empty list of token ids below {vocab}"
+    if not (isinstance(request.max_new_tokens, int) and request.max_new_tokens >= 1):
+        return f"max_new_tokens must be a whole number >= 1; got {request.max_new_tokens!r}"
+    if not (isinstance(request.temperature, (int, float)) and 0 <= request.temperature < float("inf")):
+        return f"temperature must be a finite number >= 0; got {request.temperature!r}"
+    if request.top_k is not None and not (isinstance(request.top_k, int) and request.top_k >= 1):
+        return f"top_k must be a whole number >= 1 (or None); got {request.top_k!r}"
+    if request.top_p is not None and not (isinstance(request.top_p, float) and 0 < request.top_p <= 1):
+        return f"top_p must be in (0, 1] (or None); got {request.top_p!r}"
+    need = len(request.prompt) + request.max_new_tokens - 1  # (the last token is never fed back)
+    if need > max_len:
+        return f"prompt ({len(request.prompt)}) + max_new_tokens ({request.max_new_tokens}) needs {need} positions; " \
+               f"a row of this engine's cache holds {max_len}"
+    if LOCAL not in model.config.layout() and need > model.config.block_size:
+        return f"prompt + max_new_tokens needs {need} positions, past block_size ({model.config.block_size}), and " \
+               f"a model without local layers has never seen a position past it"
+    return None
