@@ -508,6 +508,15 @@ def damage(ckpt, change):
     return ckpt
 
 
+@pytest.fixture(scope="module")
+def finished_run(corpora, tmp_path_factory):
+    """The first stage of STAGES, run to its end once for the tests that damage a copy of its checkpoint."""
+    folder = tmp_path_factory.mktemp("finished")
+    assert run([sys.executable, "train.py", write_config(folder / "f.py", folder / "run", stages=STAGES[:1])]) \
+        .returncode == 0
+    return folder / "run"
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda c: c.pop("rng"), "not a checkpoint train.py can resume from: rng (missing)"),
     (lambda c: c.pop("train_config"), "train_config (missing)"),
@@ -518,9 +527,10 @@ def damage(ckpt, change):
     (lambda c: c["model"].pop("lm_head.weight"), "does not fit this run's model"),
     (lambda c: c.update(optimizer={"state": {}, "param_groups": []}), "does not fit this run's model (ValueError"),
 ])
-def test_a_damaged_checkpoint_is_refused_in_one_line(corpora, tmp_path, change, message):
+def test_a_damaged_checkpoint_is_refused_in_one_line(finished_run, tmp_path, change, message):
+    import shutil
+    shutil.copytree(finished_run, tmp_path / "d")  # (out_dir may change on resume: the copy is the same run)
     config = write_config(tmp_path / "d.py", tmp_path / "d", stages=STAGES[:1])
-    assert run([sys.executable, "train.py", config]).returncode == 0
     path = tmp_path / "d" / "ckpt.pt"
     torch.save(damage(torch.load(path, weights_only=False), change), path)
     before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
@@ -530,9 +540,10 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(corpora, tmp_path, change, 
     assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before
 
 
-def test_a_run_killed_before_its_first_checkpoint_is_still_a_run(corpora, tmp_path):
+def test_a_run_killed_before_its_first_checkpoint_is_still_a_run(finished_run, tmp_path):
+    import shutil
+    shutil.copytree(finished_run, tmp_path / "k")
     config = write_config(tmp_path / "k.py", tmp_path / "k", stages=STAGES[:1])
-    assert run([sys.executable, "train.py", config]).returncode == 0
     os.remove(tmp_path / "k" / "ckpt.pt")  # (what a kill before the first save leaves: best.pt and metrics.jsonl)
     before = {p.name: p.read_bytes() for p in (tmp_path / "k").iterdir()}
     result = run([sys.executable, "train.py", config, "--resume=False"])
