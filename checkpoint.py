@@ -164,7 +164,7 @@ def load_checkpoint(path, model_cfg, train_cfg, world_size):
         raise SystemExit(f"{path} is not a resumable checkpoint written by train.py" +
                          (" (it was consolidated from a sharded checkpoint, for sample.py; the run resumes from "
                           f"{os.path.join(os.path.dirname(path), SHARDED)})" if "consolidated_from" in ckpt else ""))
-    check_resumable({**ckpt, "model": None}, path)
+    check_resumable(ckpt, path)
     return same_run(ckpt, path, model_cfg, train_cfg, world_size)
 
 

@@ -290,7 +290,8 @@ def any_rank(flag, ranks, device):
 def all_finite(model, ranks, device, sharded):
     """Whether every weight of the model is finite, on every rank when each holds only a part (sharded); with
     whole models every rank holds the same weights, and asks no other."""
-    local = all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all().item() for p in model.parameters())
+    local = torch.stack([torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
+                         for p in model.parameters()]).all().item()  # (one read from the device, not one per weight)
     return not any_rank(not local, ranks, device) if sharded else local
 
 

@@ -183,12 +183,11 @@ def stream_one(model, tokenizer, text, prompt, cfg, device):
     return out[0].tolist()
 
 
-def serve_all(model, tokenizer, texts, prompts, cfg):
-    """Every prompt num_samples times through engine.py, each sample printed whole as it finishes. Stops at
-    end-of-text (a single streamed sample runs its full length)."""
+def serve_all(model, tokenizer, texts, prompts, longest, cfg):
+    """Every prompt num_samples times through engine.py, each sample printed whole as it finishes, in cache rows of
+    `longest` positions. Stops at end-of-text (a single streamed sample runs its full length)."""
     requests = [Request(ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed + i)
                 for i, ids in enumerate(ids for ids in prompts for _ in range(cfg.num_samples))]
-    longest = max(len(ids) for ids in prompts) + cfg.max_new_tokens
     try:
         engine = Engine(model, min(cfg.kv_cache_mib * 2 ** 20, cli.free_memory(model.wte.weight.device)),
                         max_len=longest, eot=tokenizer.eot, vocab_size=tokenizer.vocab_size, max_batch=len(requests))
@@ -220,7 +219,7 @@ def main(argv):
         raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens} needs a KV cache of {need_bytes / 2 ** 30:,.1f} GiB "
                          f"for one sequence; {have / 2 ** 30:,.1f} GiB is free here: ask for fewer tokens")
     if len(prompts) > 1 or cfg.num_samples > 1:
-        return serve_all(model, tokenizer, texts, prompts, cfg)
+        return serve_all(model, tokenizer, texts, prompts, longest, cfg)
     out = stream_one(model, tokenizer, texts[0], prompts[0], cfg, device)
     if cfg.show_experts:
         show_experts(model, tokenizer, out, os.path.join(cfg.out_dir, "experts.png"))
