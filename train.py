@@ -419,7 +419,7 @@ class Trainer:
         self.bar.close()
         parallel.leave(self.ranks)  # (before rank 0's plots and samples)
         if self.master:
-            print(message)
+            print(message, flush=True)  # (a signal from here on ends the process without flushing)
         cli.exit_on_signal("interrupted after the run ended: its checkpoint is saved")  # (the samples that follow)
         if not (self.master and complete):
             return
