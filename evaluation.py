@@ -1,7 +1,8 @@
 """
 How a run is measured: val loss per corpus (nats per token and bits per byte, on the same batches at every
-evaluation), exact-match arithmetic by level and operation, model FLOPs utilisation from the routing actually
-measured, and a short show of what the model learned.
+evaluation), exact-match arithmetic by level and operation, recall of planted pairs by the distance they are
+fetched from, model FLOPs utilisation from the routing actually measured, and a short show of what the model
+learned.
 
 Bits per byte (bpb) divides the loss of the tokens that stand for text by the UTF-8 bytes of that text, so
 runs with different tokenizers compare: a byte-level model's nats per token and a BPE model's do not.
@@ -94,13 +95,23 @@ def val_loss(model, tokenizer, corpora, seq_len, batch_size, iters, autocast):
 # -----------------------------------------------------------------------------------------------------
 # Arithmetic: exact match on held-out problems
 
-def evaluate(model, tokenizer, corpora, problems, seq_len, batch_size, iters, autocast):
+def read_tasks(corpora, arith_per_level):
+    """What evaluation scores beyond the loss, read once before a run starts: {"arith": val problems, "recall": val
+    documents}, each empty unless the run trains on that corpus."""
+    return {"arith": read_problems(arith_per_level) if "arith" in corpora and arith_per_level > 0 else [],
+            "recall": read_recall() if "recall" in corpora else []}
+
+
+def evaluate(model, tokenizer, corpora, tasks, seq_len, batch_size, iters, autocast):
     """What every evaluation of a run measures: val loss per corpus in nats per token ("val") and bits per byte
-    ("val_bpb"), and with problems, exact-match arithmetic ("arith_accuracy")."""
+    ("val_bpb"), and for the tasks (read_tasks) exact-match arithmetic ("arith_accuracy") and recall by gap
+    ("recall")."""
     nats, bpb = val_loss(model, tokenizer, corpora, seq_len, batch_size, iters, autocast)
     measured = {"val": nats, "val_bpb": bpb}
-    if problems:
-        measured["arith_accuracy"] = arith_accuracy(model, tokenizer, problems, autocast)
+    if tasks["arith"]:
+        measured["arith_accuracy"] = arith_accuracy(model, tokenizer, tasks["arith"], autocast)
+    if tasks["recall"]:
+        measured["recall"] = recall_accuracy(model, tokenizer, tasks["recall"], seq_len, autocast)
     return measured
 
 
@@ -110,6 +121,8 @@ def summary(measured):
     line = "val " + ", ".join(f"{k} {nats[k]:.3f} ({bpb[k]:.3f} bpb)" for k in nats)
     if "arith_accuracy" in measured:
         line += f", arith exact match {measured['arith_accuracy']['all']:.2f}"
+    if "recall" in measured:
+        line += ", recall by gap " + ", ".join(f"{k} {v:.2f}" for k, v in measured["recall"]["bucket"].items())
     return line
 
 
@@ -185,6 +198,77 @@ def summarise(problems, right):
 
 
 # -----------------------------------------------------------------------------------------------------
+# Recall: a planted pair's value, fetched from a distance (data/recall/prepare.py)
+
+def read_recall():
+    """The recall val documents (data/recall/val_docs.jsonl): {"text", "queries"}, each query {"key", "value",
+    "gap", "at"}."""
+    path = os.path.join(corpus_dir("recall"), "val_docs.jsonl")
+    try:
+        with open(path, encoding="utf-8") as f:
+            docs = [json.loads(line) for line in f]
+        if not all(isinstance(d, dict) and isinstance(d.get("text"), str) and isinstance(d.get("queries"), list)
+                   for d in docs):
+            raise ValueError("a line is not a document (text, queries)")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot read the recall val documents {path} ({e}): prepare them again with `python "
+                         f"data/recall/prepare.py`") from None
+    return docs
+
+
+def recall_edges(config):
+    """A model's gap buckets: within its window, 1-4 windows, 4 windows to layers x window (as far as local layers
+    could relay), and beyond. Every arm of an experiment with one window gets the same buckets."""
+    return sorted({config.window, 4 * config.window, config.n_layer * config.window})
+
+
+def bucket_names(edges):
+    """["<16", "16-63", "64-127", ">=128"] for edges [16, 64, 128]: gaps in bytes."""
+    return ([f"<{edges[0]}"] + [f"{lo}-{hi - 1}" for lo, hi in zip(edges, edges[1:])] + [f">={edges[-1]}"])
+
+
+def recall_hits(predicted, docs, max_len):
+    """(gap, right) of every query whose value lies in the first max_len positions of its row. Row r of
+    predicted (the model's greedy next token at each position) read [end-of-text] + docs[r]'s bytes, so the
+    value of a query at byte `at` is predicted at position at + 1. A value is one byte, so the greedy
+    prediction there with the document as context is what greedy generation after the key would produce."""
+    return [(q["gap"], int(predicted[row][q["at"] + 1]) == ord(str(q["value"])))
+            for row, doc in enumerate(docs) for q in doc["queries"] if q["at"] + 1 < max_len]
+
+
+def recall_summary(hits, edges):
+    """Exact match per gap bucket ("bucket", with its "count"), per power-of-two gap ("by_gap": {"2": ...,
+    "4": ...} for gaps 2-3, 4-7, ...: the plot's points), and over all queries ("all")."""
+    names = bucket_names(edges)
+    buckets, by_gap = defaultdict(list), defaultdict(list)
+    for gap, right in hits:
+        buckets[names[sum(gap >= e for e in edges)]].append(right)
+        by_gap[str(2 ** int(math.log2(gap)))].append(right)
+    return {"bucket": {n: sum(buckets[n]) / len(buckets[n]) for n in names if buckets[n]},
+            "count": {n: len(buckets[n]) for n in names}, "edges": edges,
+            "by_gap": {g: sum(v) / len(v) for g, v in sorted(by_gap.items(), key=lambda kv: int(kv[0]))},
+            "all": sum(r for _, r in hits) / max(1, len(hits))}
+
+
+@torch.no_grad()
+def recall_accuracy(model, tokenizer, docs, seq_len, autocast, edges=None, batch_size=32):
+    """Exact-match recall of the val documents' queries, each document read from its start in one row of
+    seq_len positions, by gap (recall_summary); edges default to the model's (recall_edges)."""
+    model.eval()
+    device, hits = model.wte.weight.device, []
+    for start in range(0, len(docs), batch_size):
+        group = docs[start:start + batch_size]
+        rows = [([tokenizer.eot] + tokenizer.encode(d["text"]))[:seq_len + 1] for d in group]
+        T = min(len(r) for r in rows) - 1
+        ids = torch.tensor([r[:T + 1] for r in rows], device=device)
+        with autocast:
+            logits, _ = model(ids[:, :-1], ids[:, 1:])
+        hits += recall_hits(logits.argmax(-1).tolist(), group, T)
+    model.train()
+    return recall_summary(hits, edges or recall_edges(model.config))
+
+
+# -----------------------------------------------------------------------------------------------------
 # Throughput: FLOPs per token from the routing actually measured, and the GPU's peak
 
 def flops_per_token(model_cfg, active_params, seq_len):
@@ -230,7 +314,7 @@ def show_samples(model, tokenizer, corpora, problems, autocast, n_tokens=120, se
     lines, generator_state = [], torch.random.get_rng_state()
     torch.manual_seed(seed)
     for name in corpora:
-        if name == "arith":
+        if name in ("arith", "recall"):  # (scored, not sampled)
             continue
         prompt = PROMPTS.get(name, "\n")  # from the middle of a document, as most training windows start
         idx = torch.tensor([tokenizer.encode(prompt)], device=device)

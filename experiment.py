@@ -1,22 +1,23 @@
 """
 Does the recipe work? Four experiments that measure its claims at laptop scale, one command each.
 
-    python experiment.py hybrid          # all-global attention vs 3 local : 1 global with shared K/V
+    python experiment.py hybrid          # all-global vs 3 local : 1 global with shared K/V vs all-local: recall, bpb
     python experiment.py routing         # dense vs top-2 vs top-p (controlled, bias-balanced, fixed p) experts
     python experiment.py stages          # three stages vs one stage of the same tokens and peak lr
-    python experiment.py long_context    # 128 -> 512 tokens: RoPE base kept, base raised, or no extension
+    python experiment.py long_context    # 32 -> 128 bytes: RoPE base kept, base raised, or no extension: recall
     python experiment.py all
-    python experiment.py hybrid --seeds=[1,2,3] --scale=0.2     # a third seed; a fifth of the steps
+    python experiment.py hybrid --seeds=[1,2,3,4] --scale=0.2   # a fourth seed; a fifth of the steps
 
 Each experiment trains every arm once per seed with train.py. An arm is one or two config files under
 config/ (config/experiments/<experiment>.py holds what the arms share), and the exact command of every run is
 printed, so any arm can be run alone. Then it measures the trained models and writes out/experiments/<name>/:
 results.json (every number, per seed), results.md (the tables and the verdicts) and PNG plots.
 
-Tables give the mean ± half the range over seeds. A difference counts only when the arms' seed ranges do not
-overlap; otherwise the verdict says "no difference at this scale" (one seed per arm gives no verdict). Run
-again after a kill, an experiment resumes: every run continues from its checkpoint, and a finished run only
-loads its own.
+Tables give the mean ± half the range over seeds (3 by default). A difference counts only when the arms' seed
+ranges do not overlap, which two arms that do not differ at all do one time in 10 at 3 seeds (1 in 3 at 2, 1 in 35
+at 4); otherwise the verdict says "no difference at this scale", which is no evidence that they are equal. Each
+verdict gives the difference of the means and the range of the per-seed differences. Run again after a kill,
+an experiment resumes: every run continues from its checkpoint, and a finished run only loads its own.
 
 Read top to bottom: the settings and the arms, running them, the verdict rule, the four experiments (each
 measures its runs and returns its tables), and main.
@@ -30,8 +31,8 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -40,7 +41,7 @@ from cli import need
 import evaluation
 from attention import GLOBAL, LOCAL, SHARED
 from model import kv_cache_bytes, kv_cache_ratio, preset
-from plot import read_metrics, save, stage_starts
+from plot import gap_ticks, read_metrics, save, stage_starts
 from checkpoint import load_run
 from sample import show_experts
 
@@ -49,13 +50,13 @@ import matplotlib.pyplot as plt  # noqa: E402  (after plot, which picks the Agg 
 
 @dataclass
 class ExperimentConfig:
-    seeds: Optional[list] = None        # one run of every arm per seed; None: SEEDS's for the experiment
+    seeds: list = field(default_factory=lambda: [1, 2, 3])  # one run of every arm per seed (3: see compare)
     scale: float = 1.0                  # every stage's steps (and warmup) times this: < 1 for a quick look
     out_dir: str = "out/experiments"    # an experiment writes <out_dir>/<name>/
     decode_tokens: int = 4096           # hybrid: tokens decoded to time decoding and its memory at long context
 
     def __post_init__(self):
-        need(self.seeds is None or self.seeds and all(cli.valid_seed(s) for s in self.seeds) and
+        need(isinstance(self.seeds, list) and self.seeds and all(cli.valid_seed(s) for s in self.seeds) and
              len(set(self.seeds)) == len(self.seeds),
              f"seeds must be a non-empty list of distinct whole numbers in [0, 2**32), e.g. [1, 2]; got {self.seeds!r}")
         need(math.isfinite(self.scale) and self.scale > 0, f"scale must be > 0; got {self.scale}")
@@ -68,7 +69,8 @@ ARM_DIR = "config/experiments/"
 # experiment -> arm -> the config files of its runs, in order (later files build on earlier ones)
 ARMS = {
     "hybrid": {"all_global": [ARM_DIR + "hybrid.py", ARM_DIR + "hybrid_all_global.py"],
-               "hybrid": [ARM_DIR + "hybrid.py", ARM_DIR + "hybrid_hybrid.py"]},
+               "hybrid": [ARM_DIR + "hybrid.py", ARM_DIR + "hybrid_hybrid.py"],
+               "all_local": [ARM_DIR + "hybrid.py", ARM_DIR + "hybrid_all_local.py"]},
     "routing": {"dense": [ARM_DIR + "routing.py", ARM_DIR + "routing_dense.py"],
                 "top2": [ARM_DIR + "routing.py", ARM_DIR + "routing_top2.py"],
                 "top_p": [ARM_DIR + "routing.py", ARM_DIR + "routing_top_p.py"],
@@ -81,7 +83,6 @@ ARMS = {
                      "raised_base": [ARM_DIR + "long_context.py", ARM_DIR + "long_context_raised_base.py"]},
 }
 EXTRA_SETTINGS = {"stages": ["--eval_interval=250"]}  # what every run of an experiment adds (an accuracy curve)
-SEEDS = {"routing": [1, 2, 3]}  # the seeds of an experiment run without --seeds (others: [1, 2])
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -138,17 +139,29 @@ def cell(values, digits=3):
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
+def false_positive_rate(n):
+    """How often the seed ranges of two arms with n seeds each fail to overlap when the arms do not differ at all:
+    of the orderings of 2n exchangeable results, the 2 (n!)^2 that put one arm's n all below the other's.
+    1 in 3 at 2 seeds, 1 in 10 at 3, 1 in 35 at 4."""
+    return 2 * math.factorial(n) ** 2 / math.factorial(2 * n)
+
+
 def compare(what, a, a_values, b, b_values, higher_is_better=False, digits=3):
-    """One line of verdict. Arm a or b is better only when their seed ranges do not overlap."""
+    """One line of verdict. Arm a or b is better only when their seed ranges do not overlap (the ranges rule: at 3
+    seeds a false difference one time in 10, false_positive_rate). The line gives the difference of the means and,
+    with the seeds paired (seed i of a against seed i of b: the same data order), the range of the per-seed
+    differences: its interval."""
     (ma, _), (mb, _) = mean_spread(a_values), mean_spread(b_values)
     both = f"{a} {cell(a_values, digits)}, {b} {cell(b_values, digits)}"
+    diffs = [x - y for x, y in zip(a_values, b_values)] if len(a_values) == len(b_values) else []
+    interval = (f"{a} - {b} = {ma - mb:+.{digits}f}" +
+                (f", per seed {min(diffs):+.{digits}f} to {max(diffs):+.{digits}f}" if len(diffs) > 1 else ""))
     if min(len(a_values), len(b_values)) < 2:  # one seed has no spread to judge a difference against
-        return f"{what}: no verdict from one seed per arm ({both}); run two or more, e.g. --seeds=[1,2]"
+        return f"{what}: no verdict from one seed per arm ({both}); run two or more, e.g. --seeds=[1,2,3]"
     if max(min(a_values), min(b_values)) <= min(max(a_values), max(b_values)):
-        return f"{what}: no difference at this scale ({both}: the seed ranges overlap)"
+        return f"{what}: no difference at this scale ({both}: the seed ranges overlap; {interval})"
     better, worse = (a, b) if (ma > mb) == higher_is_better else (b, a)
-    return (f"{what}: {better} is better than {worse} by {abs(ma - mb):.{digits}f} ({both}: the seed ranges do "
-            f"not overlap)")
+    return f"{what}: {better} is better than {worse} ({both}: the seed ranges do not overlap; {interval})"
 
 
 def markdown(header, rows):
@@ -215,46 +228,86 @@ def _decode(run, new_tokens):
 
 
 def hybrid(cfg, runs, folder):
-    corpora = list(last_eval(runs["all_global"][0])["val_bpb"])
+    evals = {arm: [last_eval(r) for r in dirs] for arm, dirs in runs.items()}
+    corpora = [c for c in evals["all_global"][0]["val_bpb"] if c != "recall"]  # (recall is scored by exact match)
     models = {arm: load_run(dirs[0])[0] for arm, dirs in runs.items()}  # (the seeds share a shape)
     configs = {arm: model.config for arm, model in models.items()}
     configs["yi_lightning_like"] = preset("yi_lightning_like")
-    contexts = [2 ** i for i in range(8, 17)]
+    contexts = [2 ** i for i in range(7, 17)]
     kv = {arm: {n: kv_cache_bytes(c, n) for n in contexts} for arm, c in configs.items()}
     for arm, c in configs.items():
         if any(kv[arm][n] != kv_formula(c, n) for n in contexts):
             raise RuntimeError(f"{arm}: the KV cache's size differs from the formula: a bug in one of them")
-    results = {"arms": {}, "kv_bytes_bf16": kv}
+    results = {"arms": {}, "kv_bytes_bf16": kv, "recall_counts": evals["all_global"][0]["recall"]["count"]}
     for arm, dirs in runs.items():
         model = models[arm]
         results["arms"][arm] = {
             "layout": "".join(model.config.layout()), "params": model.num_params(),
-            "val_bpb": {c: [last_eval(r)["val_bpb"][c] for r in dirs] for c in corpora},
+            "val_bpb": {c: [e["val_bpb"][c] for e in evals[arm]] for c in corpora},
+            "recall": {b: [e["recall"]["bucket"][b] for e in evals[arm]] for b in evals[arm][0]["recall"]["bucket"]},
+            "recall_by_gap": [e["recall"]["by_gap"] for e in evals[arm]],
             "train_tokens_per_s": [median_tok_s(r) for r in dirs],
             "decode": decode_in_fresh_process(dirs[0], cfg.decode_tokens)}
-    a = results["arms"]
-    lines = ["Val bits per byte at the end (seq_len 256, window 64):", ""]
-    lines += markdown(["arm", "layout", "params"] + corpora + ["train tokens/s"],
-                      [[arm, a[arm]["layout"], f"{a[arm]['params']:,}"] + row[1:] +
-                       [cell(a[arm]["train_tokens_per_s"], 0)] for arm, row in zip(runs, bpb_rows(runs, corpora))])
+    plot_kv(kv, configs, contexts, folder)
+    plot_recall({arm: r["recall_by_gap"] for arm, r in results["arms"].items()}, configs["hybrid"], folder)
+    return results, hybrid_tables(cfg, results, configs["hybrid"]), hybrid_verdicts(cfg, results, configs["hybrid"])
+
+
+def hybrid_tables(cfg, results, config):
+    a, kv, counts = results["arms"], results["kv_bytes_bf16"], results["recall_counts"]
+    corpora = list(a["hybrid"]["val_bpb"])
+    lines = [f"Recall at the end: exact match of a planted value by its gap in bytes (window {config.window}, "
+             f"{config.n_layer} layers: local layers reach {config.n_layer * config.window}; chance is 0.25):", ""]
+    lines += markdown(["arm", "layout", "params"] + [f"gap {b} ({counts[b]} queries)" for b in a["hybrid"]["recall"]],
+                      [[arm, r["layout"], f"{r['params']:,}"] + [cell(v, 2) for v in r["recall"].values()]
+                       for arm, r in a.items()])
+    lines += ["", f"Val bits per byte at the end (seq_len {config.block_size}):", ""]
+    lines += markdown(["arm"] + corpora + ["train tokens/s"],
+                      [[arm] + [cell(r["val_bpb"][c]) for c in corpora] + [cell(r["train_tokens_per_s"], 0)]
+                       for arm, r in a.items()])
     lines += ["", f"Decoding {cfg.decode_tokens} tokens (greedy, batch 1, fp32, seed {cfg.seeds[0]}'s model), and "
               "bf16 KV-cache bytes per sequence (measured on the cache object; equal to the formula):", ""]
     yi = kv["yi_lightning_like"]
-    lines += markdown(["arm", "decode tokens/s", "KV cache at decode end", "resident memory rise", "KV at 4K",
-                       "KV at 64K"],
-                      [[arm, f"{a[arm]['decode']['tokens_per_s']:.0f}", mib(a[arm]["decode"]["kv_cache_bytes"]),
-                        mib(a[arm]["decode"]["memory_rise_bytes"]), mib(kv[arm][4096]), mib(kv[arm][65536])]
-                       for arm in runs] + [["yi_lightning_like (hybrid)", "", "", "", mib(yi[4096]), mib(yi[65536])]])
-    verdicts = [compare(f"val bpb {c}", "hybrid", a["hybrid"]["val_bpb"][c], "all_global",
-                        a["all_global"]["val_bpb"][c]) for c in corpora]
-    verdicts.append(compare("training tokens/s", "hybrid", a["hybrid"]["train_tokens_per_s"], "all_global",
-                            a["all_global"]["train_tokens_per_s"], higher_is_better=True, digits=0))
-    verdicts.append(f"KV cache at 64K: hybrid / all-global = {kv_cache_ratio(models['hybrid'].config, 65536):.3f} "
-                    f"(the trained shape); decoding {cfg.decode_tokens} tokens: hybrid "
-                    f"{a['hybrid']['decode']['tokens_per_s'] / a['all_global']['decode']['tokens_per_s']:.2f}x "
-                    f"the tokens/s of all-global")
-    plot_kv(kv, configs, contexts, folder)
-    return results, lines, verdicts
+    return lines + markdown(
+        ["arm", "decode tokens/s", "KV cache at decode end", "resident memory rise", "KV at 4K", "KV at 64K"],
+        [[arm, f"{r['decode']['tokens_per_s']:.0f}", mib(r["decode"]["kv_cache_bytes"]),
+          mib(r["decode"]["memory_rise_bytes"]), mib(kv[arm][4096]), mib(kv[arm][65536])] for arm, r in a.items()]
+        + [["yi_lightning_like (hybrid)", "", "", "", mib(yi[4096]), mib(yi[65536])]])
+
+
+def hybrid_verdicts(cfg, results, config):
+    a, kv, n = results["arms"], results["kv_bytes_bf16"], config.block_size
+    others = ("all_global", "all_local")
+    verdicts = [compare(f"recall, gap {b}", "hybrid", a["hybrid"]["recall"][b], other, a[other]["recall"][b],
+                        higher_is_better=True, digits=2) for other in others for b in a["hybrid"]["recall"]]
+    verdicts += [compare(f"val bpb {c}", "hybrid", a["hybrid"]["val_bpb"][c], other, a[other]["val_bpb"][c])
+                 for other in others for c in a["hybrid"]["val_bpb"]]
+    ratio = {arm: a[arm]["params"] / a["all_global"]["params"] for arm in a}
+    speed = a["hybrid"]["decode"]["tokens_per_s"] / a["all_global"]["decode"]["tokens_per_s"]
+    return verdicts + [
+        f"parameters: hybrid {ratio['hybrid']:.3f} x all-global's (its sharing layer has no K/V projection), "
+        f"all-local {ratio['all_local']:.3f} x",
+        f"KV cache: hybrid / all-global = {kv['hybrid'][n] / kv['all_global'][n]:.3f} at the trained {n} bytes, "
+        f"{kv_cache_ratio(config, 65536):.3f} at 64K; decoding {cfg.decode_tokens} tokens: hybrid {speed:.2f}x the "
+        f"tokens/s of all-global"]
+
+
+def plot_recall(by_gap, config, folder):
+    """Recall against gap, one line per arm through the seed means (bars: lowest to highest seed); the window
+    and the local layers' reach marked."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for arm, seeds in by_gap.items():
+        gaps = sorted(set.intersection(*(set(s) for s in seeds)), key=int)
+        error_bars(ax, [int(g) for g in gaps], [[s[g] for s in seeds] for g in gaps], label=arm.replace("_", " "))
+    for x, what in ((config.window, "window"), (config.n_layer * config.window, "layers x window")):
+        ax.axvline(x, color="k", ls="--", lw=0.8)
+        ax.text(x * 1.05, 0.03, what, fontsize=8)
+    ax.axhline(0.25, color="grey", ls=":", lw=0.8)
+    ax.set(xscale="log", xlabel="gap in bytes, from (bins: 2-3, 4-7, 8-15, ...)", ylabel="exact match",
+           ylim=(0, 1.02), title="Recall of a planted value by how far back it is (dotted: chance)")
+    gap_ticks(ax, [int(g) for g in gaps])
+    ax.legend(fontsize=8)
+    save(fig, folder, "recall_by_gap.png")
 
 
 def mib(n):
@@ -517,7 +570,7 @@ def plot_curves(arms, boundaries, folder):
 # 4. long_context: train at 128, extend to 512 with the RoPE base kept or raised, or not at all
 
 @torch.no_grad()
-def position_bpb(model, tokenizer, corpora, seq_len=512, n_buckets=4, batch_size=4, iters=16):
+def position_bpb(model, tokenizer, corpora, seq_len, n_buckets=4, batch_size=16, iters=16):
     """{corpus: val bits per byte in n_buckets spans of positions of seq_len-token sequences}."""
     token_bytes = torch.tensor(tokenizer.token_bytes())
     out = {}
@@ -530,40 +583,58 @@ def position_bpb(model, tokenizer, corpora, seq_len=512, n_buckets=4, batch_size
 
 
 def long_context(cfg, runs, folder):
-    corpora = list(last_eval(runs["none"][0])["val_bpb"])
-    seq_len, n_buckets = 512, 4
+    corpora = [c for c in last_eval(runs["none"][0])["val_bpb"] if c != "recall"]
+    model, _ = load_run(runs["none"][0])
+    seq_len, n_buckets = model.config.block_size, 4
+    trained = scaled_stages(ARMS["long_context"]["none"], cfg.scale)[0]["seq_len"]  # the first stage's context: L
+    edges, docs = [trained, 2 * trained], evaluation.read_recall()  # gaps < L, L-2L, 2L-4L
     buckets = [f"{i * seq_len // n_buckets}-{(i + 1) * seq_len // n_buckets - 1}" for i in range(n_buckets)]
-    results = {"positions": buckets, "arms": {}}
+    results = {"positions": buckets, "trained_seq_len": trained, "arms": {}}
     for arm, dirs in runs.items():
-        per_seed = [position_bpb(*load_run(r), corpora, seq_len, n_buckets) for r in dirs]
-        mean = [[sum(s[c][i] for c in corpora) / len(corpora) for i in range(n_buckets)] for s in per_seed]
-        results["arms"][arm] = {"bpb_by_position": per_seed, "bpb_by_position_mean_of_corpora": mean,
-                                "val_bpb_512": {c: [last_eval(r)["val_bpb"][c] for r in dirs] for c in corpora}}
+        loaded = [load_run(r) for r in dirs]
+        per_seed = [position_bpb(m, tok, corpora, seq_len, n_buckets) for m, tok in loaded]
+        recall = [evaluation.recall_accuracy(m, tok, docs, seq_len, nullcontext(), edges) for m, tok in loaded]
+        results["arms"][arm] = {
+            "bpb_by_position": per_seed,
+            "bpb_by_position_mean_of_corpora": [[sum(s[c][i] for c in corpora) / len(corpora) for i in range(n_buckets)]
+                                                for s in per_seed],
+            "recall": {b: [r["bucket"][b] for r in recall] for b in recall[0]["bucket"]},
+            "recall_by_gap": [r["by_gap"] for r in recall], "recall_counts": recall[0]["count"]}
     a = results["arms"]
-    lines = [f"Val bits per byte of {seq_len}-token sequences by position (mean of {', '.join(corpora)}):", ""]
+    lines = [f"Recall of planted values at {seq_len} bytes, by gap (trained at {trained}; chance is 0.25):", ""]
+    lines += markdown(["arm"] + [f"gap {b} ({n} queries)" for b, n in a["none"]["recall_counts"].items()],
+                      [[arm] + [cell(v, 2) for v in r["recall"].values()] for arm, r in a.items()])
+    lines += ["", f"Val bits per byte of {seq_len}-byte sequences by position (mean of {', '.join(corpora)}):", ""]
     lines += markdown(["arm"] + [f"positions {b}" for b in buckets],
-                      [[arm] + [cell([m[i] for m in a[arm]["bpb_by_position_mean_of_corpora"]])
-                                for i in range(n_buckets)] for arm in runs])
-    last = {arm: [m[-1] for m in a[arm]["bpb_by_position_mean_of_corpora"]] for arm in runs}
-    first = {arm: [m[0] for m in a[arm]["bpb_by_position_mean_of_corpora"]] for arm in runs}
-    verdicts = [compare(f"bpb at positions {buckets[-1]}", "raised_base", last["raised_base"], "same_base",
-                        last["same_base"]),
-                compare(f"bpb at positions {buckets[-1]}", "same_base", last["same_base"], "none", last["none"]),
-                compare(f"bpb at positions {buckets[0]} (within the first stage's context)", "raised_base",
-                        first["raised_base"], "none", first["none"])]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for arm in runs:
-        error_bars(ax, buckets, [[m[i] for m in a[arm]["bpb_by_position_mean_of_corpora"]] for i in range(n_buckets)],
-                   label=arm)
-    ax.axvline(0.5, color="k", ls="--", lw=0.8)
-    ax.set(xlabel="positions in a 512-token sequence (first stage trained at 128)", ylabel="val bits per byte",
-           title="Loss by position at 512 tokens")
-    ax.legend(fontsize=8)
-    save(fig, folder, "long_context.png")
+                      [[arm] + [cell([m[i] for m in r["bpb_by_position_mean_of_corpora"]]) for i in range(n_buckets)]
+                       for arm, r in a.items()])
+    last = {arm: [m[-1] for m in r["bpb_by_position_mean_of_corpora"]] for arm, r in a.items()}
+    pairs = [("raised_base", "same_base"), ("same_base", "none"), ("raised_base", "none")]
+    verdicts = [compare(f"recall, gap {b}", x, a[x]["recall"][b], y, a[y]["recall"][b], higher_is_better=True,
+                        digits=2) for x, y in pairs for b in list(a["none"]["recall"])[1:]]
+    verdicts += [compare(f"bpb at positions {buckets[-1]}", x, last[x], y, last[y]) for x, y in pairs]
+    plot_long_context(a, buckets, trained, folder)
     return results, lines, verdicts
 
 
-# -----------------------------------------------------------------------------------------------------
+def plot_long_context(arms, buckets, trained, folder):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for arm, r in arms.items():
+        seeds = r["recall_by_gap"]
+        gaps = sorted(set.intersection(*(set(s) for s in seeds)), key=int)
+        error_bars(left, [int(g) for g in gaps], [[s[g] for s in seeds] for g in gaps], label=arm)
+        error_bars(right, buckets, [[m[i] for m in r["bpb_by_position_mean_of_corpora"]] for i in range(len(buckets))],
+                   label=arm)
+    left.axvline(trained, color="k", ls="--", lw=0.8)
+    left.axhline(0.25, color="grey", ls=":", lw=0.8)
+    left.set(xscale="log", xlabel=f"gap in bytes, from (dashed: the first stage's {trained})", ylabel="exact match",
+             ylim=(0, 1.02), title="Recall by gap, after the second stage (dotted: chance)")
+    gap_ticks(left, [int(g) for g in gaps])
+    right.set(xlabel=f"positions (first stage trained at {trained})", ylabel="val bits per byte",
+              title="Text loss by position")
+    left.legend(fontsize=8)
+    save(fig, folder, "long_context.png")
+
 
 EXPERIMENTS = {"hybrid": hybrid, "routing": routing, "stages": stages, "long_context": long_context}
 
@@ -579,14 +650,24 @@ def json_ready(x):
     return x
 
 
+def training_minutes(run):
+    """Minutes a run spent in train.py, from its own clock (wall_s in metrics.jsonl, which restarts at each resume):
+    an experiment run again after its runs finished reports their training time, not the time it took to load them."""
+    total = last = 0
+    for r in read_metrics(run):
+        total, last = total + (r["wall_s"] - last if r["wall_s"] >= last else r["wall_s"]), r["wall_s"]
+    return total / 60
+
+
 def run_experiment(cfg, name):
-    t0, cfg = time.time(), replace(cfg, seeds=cfg.seeds or SEEDS.get(name, [1, 2]))
     runs = train_all(cfg, name)
     folder = os.path.join(cfg.out_dir, name)
     print(f"\n[{name}] measuring the trained models", flush=True)
+    t0 = time.time()
     results, lines, verdicts = EXPERIMENTS[name](cfg, runs, folder)
-    minutes = (time.time() - t0) / 60
-    default = replace(ExperimentConfig(), seeds=SEEDS.get(name, [1, 2]))
+    minutes = {"training": sum(training_minutes(r) for dirs in runs.values() for r in dirs),
+               "measuring": (time.time() - t0) / 60}
+    default = ExperimentConfig()
     command = " ".join(["python experiment.py", name] + [f"--{k}={v}".replace(" ", "") for k, v in asdict(cfg).items()
                                                          if v != getattr(default, k)])
     results.update(command=command, seeds=cfg.seeds, scale=cfg.scale, minutes=minutes,
@@ -595,8 +676,11 @@ def run_experiment(cfg, name):
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump(json_ready(results), f, indent=1)
     report = ([f"# Experiment: {name}", "", f"`{command}`: {len(cfg.seeds)} seeds ({', '.join(map(str, cfg.seeds))}) "
-               f"per arm, {minutes:.1f} minutes on this machine. Cells: mean ± half the range over seeds.", ""]
-              + lines + ["", "Verdicts (a difference counts only when the seed ranges do not overlap):", ""]
+               f"per arm, {sum(minutes.values()):.1f} minutes on this machine ({minutes['training']:.1f} training, "
+               f"{minutes['measuring']:.1f} measuring). Cells: mean ± half the range over seeds.", ""]
+              + lines + ["", f"Verdicts (a difference counts only when the seed ranges do not overlap, which two arms "
+                         f"that do not differ do {false_positive_rate(len(cfg.seeds)):.0%} of the time at "
+                         f"{len(cfg.seeds)} seeds each):", ""]
               + [f"- {v}" for v in verdicts])
     with open(os.path.join(folder, "results.md"), "w") as f:
         f.write("\n".join(report) + "\n")

@@ -47,6 +47,7 @@ class GPTConfig:
     dropout: float = 0.0             # dropout probability (0 for pretraining-style runs)
     tie_embeddings: bool = True      # the output layer reuses the token embedding
     norm_eps: float = 1e-5           # RMSNorm epsilon
+    init_std: float = 0.02           # weights start as normal(0, init_std) (GPT-2's 0.02, made for 768 wide)
 
     def __post_init__(self):
         if isinstance(self.router, dict):  # as stored in a checkpoint
@@ -76,6 +77,8 @@ class GPTConfig:
             raise ValueError(f"rope_base must be > 1; got {self.rope_base}")
         if not 0 < self.norm_eps < 1:
             raise ValueError(f"norm_eps must be in (0, 1); got {self.norm_eps}")
+        if not 0 < self.init_std < 1:
+            raise ValueError(f"init_std must be in (0, 1); got {self.init_std}")
         self.router.check(self.n_experts)
         if self.mlp_hidden is None:
             self.mlp_hidden = 8 * ((8 * self.n_embd // 3 + 7) // 8)
@@ -156,14 +159,16 @@ class Block(nn.Module):
         return x + self.dropout(f), kv, aux, routing
 
 
-def weight_inits(module, n_layer):
+def weight_inits(module, n_layer, std=0.02):
     """(weight, std) for every weight of a GPT (or of a bare MoE, SwiGLU or Attention layer), each exactly once, in
     a fixed order: the one statement of the initialisation, which init_weights applies and parallel.py replays
     shard by shard. A weight with a std starts as normal(0, std); one with std None (an RMSNorm gain) starts at 1.
-    Embeddings, projections, routers and experts: 0.02. Projections that write into the residual stream
-    (attention's o_proj, every MLP's and expert's w2) are scaled by 1/sqrt(2 * n_layer), as in GPT-2, so the
-    stream's variance does not grow with depth."""
-    std, out_std = 0.02, 0.02 / math.sqrt(2 * n_layer)
+    Embeddings, projections, routers and experts: std (GPTConfig.init_std). Projections that write into the
+    residual stream (attention's o_proj, every MLP's and expert's w2) are scaled by 1/sqrt(2 * n_layer), as in
+    GPT-2, so the stream's variance does not grow with depth. GPT-2's 0.02 is about 0.55 / sqrt(768); at 64 wide
+    it makes attention scores so flat that looking a token up by content (recall) does not form in the minutes
+    the CPU track trains, where about 1 / sqrt(n_embd) does (docs/experiments.md)."""
+    out_std = std / math.sqrt(2 * n_layer)
     for m in module.modules():
         if isinstance(m, nn.Embedding):
             yield m.weight, std
@@ -181,9 +186,9 @@ def weight_inits(module, n_layer):
             yield m.lm_head.weight, std
 
 
-def init_weights(module, n_layer):
+def init_weights(module, n_layer, std=0.02):
     """Every weight of a GPT (or of a bare layer) set as weight_inits says."""
-    for w, std in weight_inits(module, n_layer):
+    for w, std in weight_inits(module, n_layer, std):
         nn.init.ones_(w) if std is None else nn.init.normal_(w, std=std)
 
 
@@ -202,7 +207,7 @@ class GPT(nn.Module):
             self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
-        init_weights(self, config.n_layer)
+        init_weights(self, config.n_layer, config.init_std)
         if verbose:
             print(self.describe())
 

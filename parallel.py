@@ -170,7 +170,7 @@ def build(config, parallel, ep, device, bf16, verbose=True):
     for buffer in model.buffers():  # (the experts' balancing biases, all of the model's buffers: they start at 0)
         buffer.zero_()
     with torch.no_grad():
-        for w, std in weight_inits(model, config.n_layer):
+        for w, std in weight_inits(model, config.n_layer, config.init_std):
             whole = torch.ones(w.shape) if std is None else torch.empty(w.shape).normal_(0, std)
             if isinstance(w, DTensor):
                 whole = distribute_tensor(whole, w.device_mesh, w.placements, src_data_rank=None)

@@ -3,6 +3,7 @@ Plots of a training run, from its out_dir/metrics.jsonl, into out_dir/plots/:
 
     loss.png     train and val loss per corpus over tokens (nats per token, and val bits per byte), stages marked
     arith.png    held-out arithmetic exact match per level over tokens, stages marked
+    recall.png   recall of planted values by gap at the last evaluation (window marked), and per gap bucket over tokens
     experts.png  routed experts per token, per MoE layer, over training
     load.png     share of tokens per expert, per MoE layer (the load balance), over the last tenth of training
 
@@ -58,6 +59,8 @@ def plot_run(out_dir):
     save(plot_loss(train, evals, boundaries), folder, "loss.png")
     if any("arith_accuracy" in r for r in evals):
         save(plot_arith([r for r in evals if "arith_accuracy" in r], boundaries), folder, "arith.png")
+    if any("recall" in r for r in evals):
+        save(plot_recall([r for r in evals if "recall" in r], boundaries), folder, "recall.png")
     if train[-1]["experts_per_token"]:
         save(plot_experts(train, boundaries), folder, "experts.png")
         save(plot_load(train), folder, "load.png")
@@ -94,6 +97,30 @@ def plot_arith(accuracy, boundaries):
     mark_stages(ax, boundaries)
     ax.legend(fontsize=8)
     return fig
+
+
+def plot_recall(evals, boundaries):
+    fig, (by_gap, over) = plt.subplots(1, 2, figsize=(12, 4))
+    last = evals[-1]["recall"]
+    by_gap.plot([int(g) for g in last["by_gap"]], list(last["by_gap"].values()), marker="o", ms=4)
+    for edge in last["edges"]:  # window, 4 windows, layers x window (evaluation.recall_edges)
+        by_gap.axvline(edge, color="k", ls="--", lw=0.8)
+    by_gap.set(xscale="log", xlabel="gap in bytes, from (dashed: the bucket edges)", ylabel="exact match",
+               ylim=(0, 1.05), title=f"Recall by gap at step {evals[-1]['step']}")
+    gap_ticks(by_gap, [int(g) for g in last["by_gap"]])
+    for bucket in last["bucket"]:
+        over.plot([r["tokens"] for r in evals], [r["recall"]["bucket"].get(bucket) for r in evals], marker="s", ms=3,
+                  label=f"gap {bucket}")
+    over.set(xlabel="tokens", ylabel="exact match", ylim=(0, 1.05), title="Recall per gap bucket")
+    mark_stages(over, boundaries)
+    over.legend(fontsize=8)
+    return fig
+
+
+def gap_ticks(ax, gaps):
+    """Power-of-two gaps labelled as they are on a log axis."""
+    ax.minorticks_off()
+    ax.set_xticks(gaps, [str(g) for g in gaps])
 
 
 def plot_experts(train, boundaries):

@@ -224,8 +224,7 @@ class Trainer:
         self.setup_device()
         self.master, self.world_size = self.ranks.master, self.ranks.size
         self.stage_steps, self.corpora = [s.num_steps(self.world_size) for s in cfg.stages], cfg.corpora()
-        self.problems = (evaluation.read_problems(cfg.arith_per_level)
-                         if "arith" in self.corpora and cfg.arith_per_level > 0 else [])
+        self.tasks = evaluation.read_tasks(self.corpora, cfg.arith_per_level)  # (arith problems, recall documents)
         # Every rank starts from the same weights (FSDP and EP build only their part), then draws its own randomness.
         torch.manual_seed(cfg.seed)
         self.sharded = parallel.sharded(cfg.parallel, cfg.ep)
@@ -393,7 +392,7 @@ class Trainer:
         """Val loss per corpus (and arithmetic accuracy), logged; best.pt keeps the lowest mean val bpb. A sharded
         model's every rank runs this (each forward needs them all) and writes no best.pt (none holds it all)."""
         cfg, state = self.cfg, self.state
-        measured = evaluation.evaluate(self.raw_model, self.tokenizer, self.corpora, self.problems, cfg.eval_seq_len,
+        measured = evaluation.evaluate(self.raw_model, self.tokenizer, self.corpora, self.tasks, cfg.eval_seq_len,
                                        cfg.eval_batch_size, cfg.eval_iters, self.autocast)
         self.log({"kind": "eval", "step": state["global_step"], "tokens": state["tokens"], "stage": s, **measured})
         if self.master:
@@ -430,7 +429,8 @@ class Trainer:
             print(f"(no samples here: no rank holds the whole model. python checkpoint.py {self.cfg.out_dir} writes "
                   f"it to one file, then python sample.py --out_dir={self.cfg.out_dir})")
         elif self.cfg.samples:
-            lines = evaluation.show_samples(self.raw_model, self.tokenizer, self.corpora, self.problems, self.autocast)
+            lines = evaluation.show_samples(self.raw_model, self.tokenizer, self.corpora, self.tasks["arith"],
+                                            self.autocast)
             lines += [""] + evaluation.stage_end_accuracy(read_metrics(self.cfg.out_dir), self.cfg.stages)
             print("\n".join(lines))
 

@@ -1,5 +1,5 @@
-"""Prepare every offline corpus (shakespeare, code, arith) in every tokenization it supports, unless it is
-prepared already. Run: python data/prepare.py [--force]"""
+"""Prepare every offline corpus (shakespeare, code, arith, recall) in every tokenization it supports, unless it
+is prepared already. Run: python data/prepare.py [--force]"""
 import os
 import runpy
 import sys
@@ -16,8 +16,10 @@ class PrepareAllConfig:
 
 
 force = cli.load(sys.argv[1:], PrepareAllConfig)[0].force
-for name in ("shakespeare", "code", "arith"):
-    if force or not all(os.path.isfile(os.path.join(here, name, t, "meta.json")) for t in ("byte", "gpt2")):
+TOKENIZERS = {"shakespeare": ("byte", "gpt2"), "code": ("byte", "gpt2"), "arith": ("byte", "gpt2"),
+              "recall": ("byte",)}  # (the tokenizations it checks for; recall's gaps are counted in bytes)
+for name, tokenizers in TOKENIZERS.items():
+    if force or not all(os.path.isfile(os.path.join(here, name, t, "meta.json")) for t in tokenizers):
         script = os.path.join(here, name, "prepare.py")
         sys.argv = [script]  # each script's defaults: every tokenizer it supports
         runpy.run_path(script, run_name="__main__")

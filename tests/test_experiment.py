@@ -1,6 +1,8 @@
 """The statistics behind experiment.py's verdicts, against values worked out by hand. (The experiments
 themselves take minutes each and do not run here.)"""
 
+import itertools
+import json
 import math
 import os
 import subprocess
@@ -65,13 +67,22 @@ def test_bits_per_byte_by_position_worked_by_hand():
 
 def test_a_difference_inside_the_seed_spread_is_no_difference():
     verdict = experiment.compare("bpb", "a", [1.00, 1.20], "b", [1.10, 1.30])
-    assert "no difference at this scale" in verdict
-    verdict = experiment.compare("bpb", "a", [1.00, 1.10], "b", [1.30, 1.40])
-    assert "a is better than b by 0.300" in verdict
+    assert "no difference at this scale" in verdict and "a - b = -0.100, per seed -0.100 to -0.100" in verdict
+    verdict = experiment.compare("bpb", "a", [1.00, 1.10, 1.05], "b", [1.30, 1.40, 1.20])
+    assert "a is better than b" in verdict and "a - b = -0.250, per seed -0.300 to -0.150" in verdict
     verdict = experiment.compare("accuracy", "a", [0.5, 0.6], "b", [0.1, 0.2], higher_is_better=True)
-    assert "a is better than b by 0.400" in verdict
+    assert "a is better than b" in verdict and "a - b = +0.400" in verdict
     assert experiment.mean_spread([1.0, 2.0, 4.0]) == (7 / 3, 1.5)
     assert "no verdict from one seed" in experiment.compare("bpb", "a", [1.0], "b", [2.0])
+
+
+def test_the_ranges_rule_false_positive_rate_against_every_ordering():
+    # Two arms with no difference: their 2n results in every order equally likely. Count the orders in which
+    # one arm's n results all lie below the other's.
+    for n, by_hand in ((2, 1 / 3), (3, 1 / 10), (4, 1 / 35)):
+        orders = list(itertools.permutations(["a"] * n + ["b"] * n))
+        apart = sum(o[:n] in (("a",) * n, ("b",) * n) for o in orders) / len(orders)
+        assert experiment.false_positive_rate(n) == pytest.approx(apart) == pytest.approx(by_hand)
 
 
 def test_kv_cache_bytes_measured_on_the_cache_equal_the_formula_and_a_hand_count():
@@ -113,3 +124,22 @@ def test_bad_experiment_arguments_exit_with_a_message_and_train_nothing(tmp_path
                             text=True, cwd=ROOT)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not out_dir.exists()
+
+
+def test_every_arm_loads_and_the_hybrid_arms_match_in_size(corpora):
+    import train
+    from model import GPT
+    params = {}
+    for name, arms in experiment.ARMS.items():
+        for arm, files in arms.items():
+            _, model_cfg, _ = train.load_config(files)
+            if name == "hybrid":
+                params[arm] = GPT(model_cfg, verbose=False).num_params()
+    assert set(params) == {"all_global", "hybrid", "all_local"}
+    assert all(abs(p / params["all_global"] - 1) < 0.02 for p in params.values()), params
+
+
+def test_training_minutes_add_up_across_a_resume(tmp_path):
+    records = [{"kind": "train", "step": i, "wall_s": w} for i, w in enumerate([10, 20, 30, 5, 15])]  # resumed at 5
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert experiment.training_minutes(tmp_path) == pytest.approx((30 + 15) / 60)

@@ -228,18 +228,19 @@ def test_grouped_gemm_steps_match_the_loop():
     assert train_losses(expert_gemm="grouped") == pytest.approx(train_losses(expert_gemm="loop"), rel=1e-5)
 
 
-def test_every_weight_is_initialised_as_documented():
+@pytest.mark.parametrize("init_std", [0.02, 0.125])
+def test_every_weight_is_initialised_as_documented(init_std):
     # Each parameter of the model is named here with the std it must have; none is left over.
     torch.manual_seed(0)
     config = GPTConfig(**{**SMALL, "n_layer": 8, "tie_embeddings": False, "n_embd": 64, "expert_hidden": 64,
-                          "mlp_hidden": 128, "vocab_size": 512})
+                          "mlp_hidden": 128, "vocab_size": 512, "init_std": init_std})
     model = GPT(config, verbose=False)
-    out_std = 0.02 / math.sqrt(2 * 8)
+    out_std = init_std / math.sqrt(2 * 8)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             assert (p == 1).all(), name
             continue
-        expected = out_std if name.endswith(("o_proj.weight", "w2.weight", "ffn.w2")) else 0.02
+        expected = out_std if name.endswith(("o_proj.weight", "w2.weight", "ffn.w2")) else init_std
         assert p.std().item() == pytest.approx(expected, rel=0.1), name
         assert abs(p.mean().item()) < 0.2 * expected, name
     # init_weights sets each weight once, norm gains included, and leaves none to torch's default init (which

@@ -138,6 +138,7 @@ def stages_arg(*stages):
     (["--lr=1e999"], "lr must be a finite number; got inf"),
     (["--norm_eps=1e999"], "norm_eps must be a finite number; got inf"),
     (["--norm_eps=0"], "norm_eps must be in (0, 1); got 0.0"),
+    (["--init_std=0"], "init_std must be in (0, 1); got 0.0"),
     (["--router.z_loss=1e999"], "router.z_loss must be a finite number; got inf"),
     (["--stages=[{'name': 'a', 'mixture': {'shakespeare': 1}, 'steps': 3, "
       "'seq_len': 16, 'lr_end': 1e999}]"], "stage 'a': lr_end must be a finite number; got inf"),
@@ -252,10 +253,11 @@ def test_resume_at_a_stage_boundary_and_the_routing_travels(corpora, tmp_path, m
 
 
 def test_a_byte_level_run_shows_what_it_learned(corpora, tmp_path):
-    stages = [dict(name="mixed", mixture={"shakespeare": 1.0, "code": 0.5, "arith": 1.0}, steps=4, seq_len=32,
-                   batch_size=4),
+    stages = [dict(name="mixed", mixture={"shakespeare": 1.0, "code": 0.5, "arith": 1.0, "recall": 0.5}, steps=4,
+                   seq_len=32, batch_size=4),
               dict(name="last", mixture={"arith": 1.0}, steps=2, seq_len=32, batch_size=4)]
-    config = write_config(tmp_path / "s.py", tmp_path / "s", stages=stages, tokenizer="byte", samples=True)
+    config = write_config(tmp_path / "s.py", tmp_path / "s", stages=stages, tokenizer="byte", samples=True,
+                          plots=True)
     result = run([sys.executable, "train.py", config])
     assert result.returncode == 0, result.stderr[-2000:]
     for text in ("--- shakespeare ---", "--- code ---", "--- arith", "level 5:", "at the end of each stage",
@@ -263,8 +265,12 @@ def test_a_byte_level_run_shows_what_it_learned(corpora, tmp_path):
         assert text in result.stdout, text
     evals = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in line]
-    assert set(evals[-1]["val_bpb"]) == {"shakespeare", "code", "arith"}
+    assert set(evals[-1]["val_bpb"]) == {"shakespeare", "code", "arith", "recall"}
     assert set(evals[-1]["arith_accuracy"]["level"]) == {"1", "2", "3", "4", "5"}
+    recall = evals[-1]["recall"]  # (TINY: window 8, 4 layers: edges 8, 4 windows = layers x window = 32)
+    assert list(recall["count"]) == ["<8", "8-31", ">=32"] and recall["count"][">=32"] == 0  # (rows of 32 bytes)
+    assert recall["count"]["<8"] > 100 and recall["count"]["8-31"] > 100 and 0 <= recall["all"] <= 1
+    assert (tmp_path / "s" / "plots" / "recall.png").is_file()
 
 
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(corpora, tmp_path, monkeypatch):

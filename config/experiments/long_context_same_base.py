@@ -1,3 +1,2 @@
-# Arm of experiment "long_context": extend to 512 tokens (the same 2048 tokens per step) with RoPE base unchanged.
-stages = [_short, dict(name="long", mixture={"shakespeare": 0.7, "code": 0.3}, steps=250, seq_len=512,
-                       batch_size=4, lr_end=0.02)]
+# Arm of experiment "long_context": extend to 128 bytes (the same 2048 tokens per step) with the RoPE base unchanged.
+stages = _short + [dict(name="long", mixture=_mix, steps=250, seq_len=128, batch_size=16, lr_end=0.02)]
