@@ -267,10 +267,23 @@ def good_checkpoint(path, saved_at, global_step):
     return f"The last good checkpoint is {path} (global step {saved_at})."
 
 
+def with_defaults(saved, cfg):
+    """A checkpoint's settings, with each setting it lacks (one added to the code after it was written) taken at its
+    default, which is what the code that wrote it did; likewise inside a nested config (the router's)."""
+    out = dict(saved)
+    for f in dataclasses.fields(cfg):
+        if f.default is not dataclasses.MISSING:
+            out.setdefault(f.name, f.default)
+        elif dataclasses.is_dataclass(value := getattr(cfg, f.name)):
+            out[f.name] = {**with_defaults({}, type(value)()), **saved.get(f.name, {})}
+    return out
+
+
 def same_run(ckpt, path, model_cfg, train_cfg, world_size):
     """ckpt if its settings are this run's (but for FREE_TO_CHANGE), else SystemExit naming each difference."""
     now = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg), "world_size": world_size}
-    then = {**ckpt["model_config"], **ckpt["train_config"], "world_size": ckpt["world_size"]}
+    then = {**with_defaults(ckpt["model_config"], model_cfg), **with_defaults(ckpt["train_config"], train_cfg),
+            "world_size": ckpt["world_size"]}
     differ = [f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(now) | set(then))
               if k not in FREE_TO_CHANGE and now.get(k) != then.get(k)]
     if differ:

@@ -622,3 +622,21 @@ def test_ctrl_c_while_importing_torch_or_after_the_run_ends_is_one_line(corpora,
     out, err = proc.stdout, proc.stderr
     assert "run complete" in out and proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
     assert err.strip().endswith("interrupted after the run ended: its checkpoint is saved")
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default():
+    import dataclasses
+    import checkpoint
+    from model import preset
+    from train import TrainConfig
+    model_cfg, train_cfg = preset("tiny_8x64"), TrainConfig()
+    saved_model, saved_train = dataclasses.asdict(model_cfg), dataclasses.asdict(train_cfg)
+    del saved_model["init_std"], saved_model["router"]["bias_rate"], saved_train["arith_per_level"]  # (added later)
+    ckpt = {"model_config": saved_model, "train_config": saved_train, "world_size": 1}
+    assert checkpoint.same_run(ckpt, "ckpt.pt", model_cfg, train_cfg, 1) is ckpt
+    changed = dataclasses.replace(model_cfg, init_std=0.125)  # a setting the old run did not use is still named
+    with pytest.raises(SystemExit, match=r"init_std: checkpoint 0.02, now 0.125"):
+        checkpoint.same_run(ckpt, "ckpt.pt", changed, train_cfg, 1)
+    saved_model["window"] = 16  # and so is one it did use
+    with pytest.raises(SystemExit, match=r"window: checkpoint 16, now 32"):
+        checkpoint.same_run(ckpt, "ckpt.pt", model_cfg, train_cfg, 1)
