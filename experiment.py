@@ -43,6 +43,7 @@ from attention import GLOBAL, LOCAL, SHARED
 from model import kv_cache_bytes, kv_cache_ratio, preset
 from plot import gap_ticks, read_metrics, save, stage_starts
 from checkpoint import load_run
+from data.recall.prepare import N_VALUES
 from sample import show_experts
 
 import matplotlib.pyplot as plt  # noqa: E402  (after plot, which picks the Agg backend)
@@ -257,7 +258,8 @@ def hybrid_tables(cfg, results, config):
     a, kv, counts = results["arms"], results["kv_bytes_bf16"], results["recall_counts"]
     corpora = list(a["hybrid"]["val_bpb"])
     lines = [f"Recall at the end: exact match of a planted value by its gap in bytes (window {config.window}, "
-             f"{config.n_layer} layers: local layers reach {config.n_layer * config.window}; chance is 0.25):", ""]
+             f"{config.n_layer} layers: local layers reach {config.n_layer * config.window}; chance is "
+             f"{1 / N_VALUES}):", ""]
     lines += markdown(["arm", "layout", "params"] + [f"gap {b} ({counts[b]} queries)" for b in a["hybrid"]["recall"]],
                       [[arm, r["layout"], f"{r['params']:,}"] + [cell(v, 2) for v in r["recall"].values()]
                        for arm, r in a.items()])
@@ -292,21 +294,26 @@ def hybrid_verdicts(cfg, results, config):
         f"tokens/s of all-global"]
 
 
-def plot_recall(by_gap, config, folder):
-    """Recall against gap, one line per arm through the seed means (bars: lowest to highest seed); the window
-    and the local layers' reach marked."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+def recall_curves(ax, by_gap):
+    """Recall against gap on ax, one line per arm through the seed means (bars: lowest to highest seed), over the
+    power-of-two gaps every seed has; chance dotted. by_gap: {arm: [evaluation's "by_gap" of each seed]}."""
     for arm, seeds in by_gap.items():
         gaps = sorted(set.intersection(*(set(s) for s in seeds)), key=int)
         error_bars(ax, [int(g) for g in gaps], [[s[g] for s in seeds] for g in gaps], label=arm.replace("_", " "))
+    ax.axhline(1 / N_VALUES, color="grey", ls=":", lw=0.8)
+    ax.set(xscale="log", xlabel="gap in bytes, from (bins: 2-3, 4-7, 8-15, ...)", ylabel="exact match", ylim=(0, 1.02))
+    gap_ticks(ax, [int(g) for g in gaps])
+    ax.legend(fontsize=8)
+
+
+def plot_recall(by_gap, config, folder):
+    """Recall against gap per arm, the window and the local layers' reach marked."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    recall_curves(ax, by_gap)
     for x, what in ((config.window, "window"), (config.n_layer * config.window, "layers x window")):
         ax.axvline(x, color="k", ls="--", lw=0.8)
         ax.text(x * 1.05, 0.03, what, fontsize=8)
-    ax.axhline(0.25, color="grey", ls=":", lw=0.8)
-    ax.set(xscale="log", xlabel="gap in bytes, from (bins: 2-3, 4-7, 8-15, ...)", ylabel="exact match",
-           ylim=(0, 1.02), title="Recall of a planted value by how far back it is (dotted: chance)")
-    gap_ticks(ax, [int(g) for g in gaps])
-    ax.legend(fontsize=8)
+    ax.set_title("Recall of a planted value by how far back it is (dotted: chance)")
     save(fig, folder, "recall_by_gap.png")
 
 
@@ -584,16 +591,15 @@ def position_bpb(model, tokenizer, corpora, seq_len, n_buckets=4, batch_size=16,
 
 def long_context(cfg, runs, folder):
     corpora = [c for c in last_eval(runs["none"][0])["val_bpb"] if c != "recall"]
-    model, _ = load_run(runs["none"][0])
-    seq_len, n_buckets = model.config.block_size, 4
+    loaded = {arm: [load_run(r) for r in dirs] for arm, dirs in runs.items()}  # (model, tokenizer) per seed
+    seq_len, n_buckets = loaded["none"][0][0].config.block_size, 4
     trained = scaled_stages(ARMS["long_context"]["none"], cfg.scale)[0]["seq_len"]  # the first stage's context: L
     edges, docs = [trained, 2 * trained], evaluation.read_recall()  # gaps < L, L-2L, 2L-4L
     buckets = [f"{i * seq_len // n_buckets}-{(i + 1) * seq_len // n_buckets - 1}" for i in range(n_buckets)]
     results = {"positions": buckets, "trained_seq_len": trained, "arms": {}}
-    for arm, dirs in runs.items():
-        loaded = [load_run(r) for r in dirs]
-        per_seed = [position_bpb(m, tok, corpora, seq_len, n_buckets) for m, tok in loaded]
-        recall = [evaluation.recall_accuracy(m, tok, docs, seq_len, nullcontext(), edges) for m, tok in loaded]
+    for arm, seeds in loaded.items():
+        per_seed = [position_bpb(m, tok, corpora, seq_len, n_buckets) for m, tok in seeds]
+        recall = [evaluation.recall_accuracy(m, tok, docs, seq_len, nullcontext(), edges) for m, tok in seeds]
         results["arms"][arm] = {
             "bpb_by_position": per_seed,
             "bpb_by_position_mean_of_corpora": [[sum(s[c][i] for c in corpora) / len(corpora) for i in range(n_buckets)]
@@ -601,7 +607,8 @@ def long_context(cfg, runs, folder):
             "recall": {b: [r["bucket"][b] for r in recall] for b in recall[0]["bucket"]},
             "recall_by_gap": [r["by_gap"] for r in recall], "recall_counts": recall[0]["count"]}
     a = results["arms"]
-    lines = [f"Recall of planted values at {seq_len} bytes, by gap (trained at {trained}; chance is 0.25):", ""]
+    lines = [f"Recall of planted values at {seq_len} bytes, by gap (trained at {trained}; chance is "
+             f"{1 / N_VALUES}):", ""]
     lines += markdown(["arm"] + [f"gap {b} ({n} queries)" for b, n in a["none"]["recall_counts"].items()],
                       [[arm] + [cell(v, 2) for v in r["recall"].values()] for arm, r in a.items()])
     lines += ["", f"Val bits per byte of {seq_len}-byte sequences by position (mean of {', '.join(corpora)}):", ""]
@@ -619,20 +626,15 @@ def long_context(cfg, runs, folder):
 
 def plot_long_context(arms, buckets, trained, folder):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    recall_curves(left, {arm: r["recall_by_gap"] for arm, r in arms.items()})
+    left.axvline(trained, color="k", ls="--", lw=0.8)
+    left.set(xlabel=f"gap in bytes, from (dashed: the first stage's {trained})",
+             title="Recall by gap, after the second stage (dotted: chance)")
     for arm, r in arms.items():
-        seeds = r["recall_by_gap"]
-        gaps = sorted(set.intersection(*(set(s) for s in seeds)), key=int)
-        error_bars(left, [int(g) for g in gaps], [[s[g] for s in seeds] for g in gaps], label=arm)
         error_bars(right, buckets, [[m[i] for m in r["bpb_by_position_mean_of_corpora"]] for i in range(len(buckets))],
                    label=arm)
-    left.axvline(trained, color="k", ls="--", lw=0.8)
-    left.axhline(0.25, color="grey", ls=":", lw=0.8)
-    left.set(xscale="log", xlabel=f"gap in bytes, from (dashed: the first stage's {trained})", ylabel="exact match",
-             ylim=(0, 1.02), title="Recall by gap, after the second stage (dotted: chance)")
-    gap_ticks(left, [int(g) for g in gaps])
     right.set(xlabel=f"positions (first stage trained at {trained})", ylabel="val bits per byte",
               title="Text loss by position")
-    left.legend(fontsize=8)
     save(fig, folder, "long_context.png")
 
 
