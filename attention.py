@@ -33,21 +33,9 @@ def causal_attention(q, k, v, window=None, mask=None):
     Returns (B, Hq, T, D). Scale 1/sqrt(D). mask (B, 1, T, S), which keys each query sees, replaces the rule
     above: a cache whose rows differ in length gives it (engine.py's), as its rows' keys end at different slots.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D (B, H, T, D); got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k/v batch and head dim must match q: q is {tuple(q.shape)}, k is {tuple(k.shape)}")
-    if Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for GQA")
-    if S < T:
-        raise ValueError(f"need at least as many keys as queries (S >= T); got S={S}, T={T}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1 (or None for global attention); got {window}")
-
+    assert k.shape == v.shape == (B, Hkv, S, D) and Hq % Hkv == 0 and S >= T, (q.shape, k.shape, v.shape)
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hkv)
     if window is not None and window >= S:
@@ -157,10 +145,12 @@ def _fused_flex():
 def flex_local_attention(q, k, v, window):
     """Sliding-window attention as one fused FlexAttention kernel over the tiles the band touches: the CUDA
     path. Memory holds the block mask (a few MiB at 64K) and no scores; the tiles computed are about
-    (2*window + tile) / S of all. Same contract as causal_attention. Forward only on CPU."""
+    (2*window + tile) / S of all. Same contract as causal_attention. On a CPU, where only the tests call it
+    (causal_attention takes the blocked kernel there), it runs unfused, forward only: the same mask and the same
+    math, as inductor's CPU kernel of torch 2.13 returned wrong rows for a 40-position case (docs/log.md)."""
     mask = sliding_window_block_mask(q.shape[2], k.shape[2], window, q.device)
-    flex = flex_attention if torch.compiler.is_compiling() else _fused_flex()  # a compiled model fuses it itself
-    return flex(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    fused = q.is_cuda and not torch.compiler.is_compiling()  # (a compiled model fuses it itself)
+    return (_fused_flex() if fused else flex_attention)(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -169,8 +159,6 @@ def flex_local_attention(q, k, v, window):
 def rope_cache(positions, head_dim, base=10000.0):
     """The tables apply_rope takes for the given absolute positions, each (*positions.shape, head_dim): pair d
     (dims d and d + D/2) turns by angle position * base^(-2d/D); cos is [cos, cos], sin is [-sin, sin]."""
-    if head_dim % 2 != 0:
-        raise ValueError(f"RoPE needs an even head dimension; got {head_dim}")
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     angles = positions.float()[..., None] * inv_freq  # (positions may be (B, T): one row each, for a ragged batch)
     return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
@@ -188,48 +176,46 @@ def apply_rope(x, cos, sin):
 # One attention layer. Every layer is one of three kinds, spelled the same everywhere (config layout,
 # blocks, KV cache, FLOP count):
 
-LOCAL = "L"    # sliding window: sees the last `window` positions; caches at most `window` of them
-GLOBAL = "G"   # sees every position; computes and caches its own K/V
-SHARED = "S"   # global, but reuses the K/V of the GLOBAL layer before it: no K/V weights, nothing cached
-KINDS = (LOCAL, GLOBAL, SHARED)
+LOCAL = "L"     # sliding window: sees the last `window` positions; caches at most `window` of them
+GLOBAL = "G"    # sees every position; computes and caches its own K/V
+SHARING = "S"   # global, but attends with the K/V of the GLOBAL layer before it: no K/V weights, nothing cached
+KINDS = (LOCAL, GLOBAL, SHARING)
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention with GQA, of one of the three kinds above. A SHARED layer owns
-    only its query and output projections."""
+    """Multi-head causal self-attention with GQA, of one of the three kinds above (GPTConfig checks the
+    settings). A SHARING layer owns only its query and output projections. `window` is what causal_attention
+    takes: None for the global kinds; a training stage may change a local layer's (GPT.set_window)."""
 
-    def __init__(self, n_embd, n_head, n_kv_head, kind=GLOBAL, window=None, dropout=0.0):
+    def __init__(self, n_embd, n_head, n_kv_head, kind=GLOBAL, window=None):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-        if kind == LOCAL and (window is None or window < 1):
-            raise ValueError(f"a LOCAL layer needs a window >= 1; got {window}")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, n_embd // n_head
         self.kind = kind
-        self.window = window if kind == LOCAL else None  # what causal_attention takes: None is global
+        self.window = window if kind == LOCAL else None
         self.q_proj = nn.Linear(n_embd, n_head * self.head_dim, bias=False)
-        self.kv_proj = None if kind == SHARED else nn.Linear(n_embd, 2 * n_kv_head * self.head_dim, bias=False)
+        self.kv_proj = None if kind == SHARING else nn.Linear(n_embd, 2 * n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(n_head * self.head_dim, n_embd, bias=False)
-        self.dropout = nn.Dropout(dropout)
+
+    def queries(self, x, cos, sin):
+        """(B, n_head, T, head_dim): the rotated queries of x (B, T, C)."""
+        B, T, _ = x.shape
+        return apply_rope(self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
 
     def forward(self, x, cos, sin, kv=None, cache=None, layer=None):
-        """x (B, T, C); cos/sin for the T new positions; kv: the previous GLOBAL layer's (k, v), which a
-        SHARED layer attends to. Returns (y, (k, v)): the keys and values this layer attended to."""
+        """x (B, T, C); cos/sin for the T new positions; kv: what the GLOBAL layer before a SHARING layer returned.
+        Returns (y, (k, v, mask)): the keys and values this layer attended to, and the mask a cache gave for them
+        (None but for a cache whose rows differ in length)."""
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        if self.kind == SHARED:
-            if kv is None:
-                raise ValueError("a SHARED layer needs the K/V of the GLOBAL layer before it")
-            k, v = kv
+        q = self.queries(x, cos, sin)
+        if self.kind == SHARING:
+            k, v, mask = kv
         else:
             k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
-            k = apply_rope(k, cos, sin)
+            k, mask = apply_rope(k, cos, sin), None
             if cache is not None:
-                k, v = cache.update(layer, k, v)
-        y = causal_attention(q, k, v, self.window, cache.mask(self.kind) if cache is not None else None)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.dropout(self.o_proj(y)), (k, v)
+                k, v, mask = cache.update(layer, k, v)
+        y = causal_attention(q, k, v, self.window, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C)), (k, v, mask)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -239,17 +225,15 @@ class KVCache:
     """Keys and values of past positions, per layer, for decoding one token (or a chunk) at a time.
 
     kinds: one per layer. LOCAL keeps a ring buffer of at most `window` positions (position p in slot p % window),
-    GLOBAL every position up to max_len (position p in slot p), SHARED nothing (it reuses the GLOBAL layer before
+    GLOBAL every position up to max_len (position p in slot p), SHARING nothing (it reuses the GLOBAL layer before
     it). `filled` counts the positions written so far; advance() moves it once all layers have stored a step.
     """
 
     def __init__(self, kinds, window, batch_size, n_kv_head, head_dim, max_len, device=None, dtype=torch.float32):
-        if set(kinds) - set(KINDS):
-            raise ValueError(f"layer kinds must be among {KINDS}; got {sorted(set(kinds) - set(KINDS))}")
         self.kinds, self.max_len, self.filled = list(kinds), max_len, 0
         self.k, self.v = [], []
         for kind in self.kinds:
-            n = {LOCAL: min(window, max_len), GLOBAL: max_len, SHARED: 0}[kind]
+            n = {LOCAL: min(window, max_len), GLOBAL: max_len, SHARING: 0}[kind]
             shape = (batch_size, n_kv_head, n, head_dim)
             self.k.append(torch.zeros(shape, device=device, dtype=dtype) if n else None)
             self.v.append(torch.zeros(shape, device=device, dtype=dtype) if n else None)
@@ -265,10 +249,6 @@ class KVCache:
         """The absolute positions of the next T tokens: every row's are the same."""
         return torch.arange(self.filled, self.filled + T, device=device)
 
-    def mask(self, kind):
-        """None: rows of one length need no mask beyond causal_attention's own (engine.py's cache needs one)."""
-        return None
-
     def select(self, row):
         """A KVCache over one row of this one's buffers (views: what it stores lands in this cache), filled to 0."""
         view = copy.copy(self)
@@ -283,18 +263,19 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Store the new k, v (B, H, T, D) at positions filled .. filled+T-1 of this layer and return every key and
-        value the new queries may attend to: only the slots written so far, in position order (a ring returns its
-        slots unordered when T == 1: a single query's attention does not depend on key order)."""
+        value the new queries may attend to, with no mask (rows of one length need none beyond causal_attention's
+        own rule): only the slots written so far, in position order (a ring returns its slots unordered when
+        T == 1: a single query's attention does not depend on key order)."""
         T, K, V, pos = k.shape[2], self.k[layer], self.v[layer], self.filled
         if self.kinds[layer] == GLOBAL:  # append
             K[:, :, pos:pos + T] = k
             V[:, :, pos:pos + T] = v
-            return K[:, :, :pos + T], V[:, :, :pos + T]
+            return K[:, :, :pos + T], V[:, :, :pos + T], None
         n = K.shape[2]  # ring size; position p lives in slot p % n
         if T == 1:
             K[:, :, pos % n] = k[:, :, 0]
             V[:, :, pos % n] = v[:, :, 0]
-            return K[:, :, :min(pos + 1, n)], V[:, :, :min(pos + 1, n)]
+            return K[:, :, :min(pos + 1, n)], V[:, :, :min(pos + 1, n)], None
         # A chunk: lay out the kept past in order, append the chunk, keep the last n positions in the ring.
         past = torch.arange(max(0, pos - n), pos, device=K.device) % n
         k_all = torch.cat([K[:, :, past], k], dim=2)
@@ -302,4 +283,42 @@ class KVCache:
         keep = torch.arange(pos + T - min(n, k_all.shape[2]), pos + T, device=K.device)
         K[:, :, keep % n] = k_all[:, :, keep - (pos + T - k_all.shape[2])]
         V[:, :, keep % n] = v_all[:, :, keep - (pos + T - v_all.shape[2])]
-        return k_all, v_all
+        return k_all, v_all, None
+
+
+# -----------------------------------------------------------------------------------------------------
+# A smoke test: python attention.py
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    B, Hq, Hkv, T, D, w = 2, 4, 2, 50, 16, 8
+    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    i, j = torch.arange(T)[:, None], torch.arange(T)
+    naive = ((q @ k.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) / D ** 0.5).masked_fill(
+        ~((j <= i) & (j > i - w)), float("-inf")).softmax(-1) @ v.repeat_interleave(Hq // Hkv, 1)
+    local = causal_attention(q, k, v, window=w)
+    print(f"sliding window {w} over T={T}: q {tuple(q.shape)}, k/v {tuple(k.shape)} -> {tuple(local.shape)}; "
+          f"equals a naive masked softmax: {torch.allclose(local, naive, atol=1e-5)}")
+    kinds = [LOCAL, LOCAL, LOCAL, GLOBAL, LOCAL, LOCAL, LOCAL, SHARING]
+    layers = [Attention(64, 4, 2, kind, window=w) for kind in kinds]
+    x = torch.randn(1, 30, 64)
+
+    def run(x, start, cache=None):  # the stack of layers, each adding to a residual stream
+        cos, sin = rope_cache(torch.arange(start, start + x.shape[1]), 16)
+        kv = None
+        for n, layer in enumerate(layers):
+            y, layer_kv = layer(x, cos, sin, kv, cache, n)
+            kv = layer_kv if layer.kind == GLOBAL else kv
+            x = x + y
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return x
+
+    with torch.no_grad():
+        cache = KVCache(kinds, w, 1, 2, 16, max_len=30)
+        stepped = torch.cat([run(x[:, :10], 0, cache)] + [run(x[:, t:t + 1], t, cache) for t in range(10, 30)], 1)
+        print(f"layout {''.join(kinds)}: a 10-token prompt then 20 tokens one at a time through the KV cache equal "
+              f"one full forward: {torch.allclose(stepped, run(x, 0), atol=1e-5)}")
+    every = KVCache([GLOBAL] * 8, w, 1, 2, 16, max_len=30)
+    print(f"KV cache for 30 positions: {cache.nbytes():,} bytes, against {every.nbytes():,} with every layer global "
+          f"and its own K/V")

@@ -6,8 +6,11 @@ top-p Mixture-of-Experts of router.py.
               -> RMSNorm -> tied output projection -> logits
 
 Which layers are local or global, which global layers share K/V and which layers are MoE all come from
-GPTConfig; `GPTConfig.layout()` gives each layer's attention kind (attention.LOCAL, GLOBAL or SHARED), which
+GPTConfig; `GPTConfig.layout()` gives each layer's attention kind (attention.LOCAL, GLOBAL or SHARING), which
 the blocks, the KV cache and the FLOP count all read. The router's settings are one RouterConfig (router.py).
+
+Read top to bottom: a block, the GPT and its forward, decoding with the KV cache, then the settings
+(GPTConfig), the initialisation of every weight, and the named shapes. Imports only torch, attention and router.
 """
 
 import dataclasses
@@ -19,112 +22,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import GLOBAL, LOCAL, SHARED, Attention, KVCache, rope_cache
+from attention import GLOBAL, LOCAL, SHARING, Attention, KVCache, rope_cache
 from router import MoE, RouterConfig, SwiGLU, top_k_mask, top_p_mask
 
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50304          # token ids the model knows; train.py takes the data's, padded to a multiple of 64
-    block_size: int = 256            # longest training sequence
-    n_layer: int = 4                 # transformer blocks
-    n_head: int = 4                  # query heads
-    n_kv_head: int = 2               # grouped-query attention: n_head / n_kv_head query heads per K/V head
-    n_embd: int = 128                # width of the residual stream
-    # Hybrid attention
-    attn_pattern: str = "LLLG"       # L = local, G = global, tiled over the layers (Yi-Lightning: LLLG)
-    window: int = 64                 # local layers see this many positions (themselves included)
-    share_kv: bool = False           # global layers share K/V in pairs: the 2nd of each pair reuses the 1st's
-    rope_base: float = 10000.0       # RoPE base at the start of training (a stage may raise it)
-    # Mixture-of-Experts
-    n_dense_layers: int = 1          # the first layers keep a dense MLP (as in DeepSeekMoE)
-    mlp_hidden: Optional[int] = None     # dense SwiGLU hidden size; default 8/3 * n_embd rounded up to 8
-    n_experts: int = 8               # routed experts per MoE layer
-    n_shared: int = 1                # always-on shared experts per MoE layer
-    expert_hidden: Optional[int] = None  # hidden size of one expert; default mlp_hidden // 4 (fine-grained)
-    router: RouterConfig = field(default_factory=RouterConfig)  # how tokens pick experts (router.py)
-    # The rest
-    dropout: float = 0.0             # dropout probability (0 for pretraining-style runs)
-    tie_embeddings: bool = True      # the output layer reuses the token embedding
-    norm_eps: float = 1e-5           # RMSNorm epsilon
-    init_std: float = 0.02           # weights start as normal(0, init_std) (GPT-2's 0.02, made for 768 wide)
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = Attention(config.n_embd, config.n_head, config.n_kv_head, config.layout()[layer], config.window)
+        self.ffn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        if layer < config.n_dense_layers:
+            self.ffn = SwiGLU(config.n_embd, config.mlp_hidden)
+        else:
+            self.ffn = MoE(config.n_embd, config.n_experts, config.expert_hidden, config.n_shared, config.router)
 
-    def __post_init__(self):
-        if isinstance(self.router, dict):  # as stored in a checkpoint
-            self.router = RouterConfig(**self.router)
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window", "n_experts"):
-            if not getattr(self, name) >= 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): pick e.g. n_head="
-                             f"{math.gcd(self.n_embd, self.n_head)}")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"head size n_embd/n_head must be even for RoPE; got {self.n_embd // self.n_head}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
-        if not self.attn_pattern or not set(self.attn_pattern) <= {LOCAL, GLOBAL}:
-            raise ValueError(f"attn_pattern must be a non-empty string of L (local) and G (global); "
-                             f"got {self.attn_pattern!r}")
-        n_global = sum(kind != LOCAL for kind in self.layout())
-        if self.share_kv and n_global < 2:
-            raise ValueError(f"share_kv needs at least two global layers to pair; attn_pattern {self.attn_pattern!r} "
-                             f"over {self.n_layer} layers has {n_global}: set share_kv=False")
-        if not 0 <= self.n_dense_layers <= self.n_layer:
-            raise ValueError(f"n_dense_layers must be in [0, n_layer]; got {self.n_dense_layers}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
-        if not self.rope_base > 1:
-            raise ValueError(f"rope_base must be > 1; got {self.rope_base}")
-        if not 0 < self.norm_eps < 1:
-            raise ValueError(f"norm_eps must be in (0, 1); got {self.norm_eps}")
-        if not 0 < self.init_std < 1:
-            raise ValueError(f"init_std must be in (0, 1); got {self.init_std}")
-        self.router.check(self.n_experts)
-        if self.mlp_hidden is None:
-            self.mlp_hidden = 8 * ((8 * self.n_embd // 3 + 7) // 8)
-        if self.expert_hidden is None:
-            self.expert_hidden = max(1, self.mlp_hidden // 4)
-        if self.mlp_hidden < 1 or self.expert_hidden < 1:
-            raise ValueError("mlp_hidden and expert_hidden must be >= 1")
-
-    def layout(self):
-        """Each layer's attention kind: LOCAL, GLOBAL, or SHARED (with share_kv, every second global layer
-        reuses the K/V of the GLOBAL layer before it). Blocks, the KV cache and the FLOP count all read it."""
-        kinds = [self.attn_pattern[i % len(self.attn_pattern)] for i in range(self.n_layer)]
-        n_global = 0
-        for i, kind in enumerate(kinds):
-            if kind == GLOBAL:
-                if self.share_kv and n_global % 2 == 1:
-                    kinds[i] = SHARED
-                n_global += 1
-        return kinds
-
-
-def make_config(settings):
-    """GPTConfig from one flat dict of settings (a preset, a config file, --key=value): the router's settings
-    go to its RouterConfig, the rest to the GPTConfig."""
-    router_names = {f.name for f in fields(RouterConfig)}
-    router = RouterConfig(**{k: v for k, v in settings.items() if k in router_names})
-    return GPTConfig(**{k: v for k, v in settings.items() if k not in router_names}, router=router)
-
-
-def kv_cache(config, batch_size, max_len, device=None, dtype=torch.float32):
-    """A KVCache for a model of this config."""
-    return KVCache(config.layout(), config.window, batch_size, config.n_kv_head, config.n_embd // config.n_head,
-                   max_len, device=device, dtype=dtype)
-
-
-def kv_cache_bytes(config, context, dtype=torch.bfloat16):
-    """Bytes of the KV cache of one sequence of `context` positions, measured on the cache object itself, built
-    on the meta device (no memory): how bench.py and experiment.py size caches of models too large to build."""
-    return kv_cache(config, 1, context, device="meta", dtype=dtype).nbytes()
-
-
-def kv_cache_ratio(config, context):
-    """The KV cache of this layout at `context` over that of the same model with every layer global and no K/V
-    shared: what hybrid attention saves (README, "KV-cache arithmetic")."""
-    all_global = dataclasses.replace(config, attn_pattern=GLOBAL, share_kv=False)
-    return kv_cache_bytes(config, context) / kv_cache_bytes(all_global, context)
+    def forward(self, x, cos, sin, kv, cache, layer):
+        """Returns (x, the K/V this layer attended to, aux loss, Routing or None for a dense layer)."""
+        a, kv = self.attn(self.attn_norm(x), cos, sin, kv, cache, layer)
+        x = x + a
+        if isinstance(self.ffn, MoE):
+            f, aux, routing = self.ffn(self.ffn_norm(x))
+        else:
+            f, aux, routing = self.ffn(self.ffn_norm(x)), x.new_zeros(()), None
+        return x + f, kv, aux, routing
 
 
 class LossParts(NamedTuple):
@@ -135,93 +56,46 @@ class LossParts(NamedTuple):
     routing: tuple                      # one router.Routing per MoE layer, in layer order
 
 
-class Block(nn.Module):
-    def __init__(self, config, layer):
-        super().__init__()
-        self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.attn = Attention(config.n_embd, config.n_head, config.n_kv_head, config.layout()[layer],
-                              config.window, config.dropout)
-        self.ffn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        if layer < config.n_dense_layers:
-            self.ffn = SwiGLU(config.n_embd, config.mlp_hidden)
-        else:
-            self.ffn = MoE(config.n_embd, config.n_experts, config.expert_hidden, config.n_shared, config.router)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x, cos, sin, kv, cache, layer):
-        """Returns (x, the K/V this layer attended to, aux loss, Routing or None for a dense layer)."""
-        a, kv = self.attn(self.attn_norm(x), cos, sin, kv, cache, layer)
-        x = x + a
-        if isinstance(self.ffn, MoE):
-            f, aux, routing = self.ffn(self.ffn_norm(x))
-        else:
-            f, aux, routing = self.ffn(self.ffn_norm(x)), x.new_zeros(()), None
-        return x + self.dropout(f), kv, aux, routing
-
-
-def weight_inits(module, n_layer, std=0.02):
-    """(weight, std) for every weight of a GPT (or of a bare MoE, SwiGLU or Attention layer), each exactly once, in
-    a fixed order: the one statement of the initialisation, which init_weights applies and parallel.py replays
-    shard by shard. A weight with a std starts as normal(0, std); one with std None (an RMSNorm gain) starts at 1.
-    Embeddings, projections, routers and experts: std (GPTConfig.init_std). Projections that write into the
-    residual stream (attention's o_proj, every MLP's and expert's w2) are scaled by 1/sqrt(2 * n_layer), as in
-    GPT-2, so the stream's variance does not grow with depth. GPT-2's 0.02 is about 0.55 / sqrt(768); at 64 wide
-    it makes attention scores so flat that looking a token up by content (recall) does not form in the minutes
-    the CPU track trains, where about 1 / sqrt(n_embd) does (docs/experiments.md)."""
-    out_std = std / math.sqrt(2 * n_layer)
-    for m in module.modules():
-        if isinstance(m, nn.Embedding):
-            yield m.weight, std
-        elif isinstance(m, nn.RMSNorm):
-            yield m.weight, None
-        elif isinstance(m, Attention):
-            for w in (m.q_proj.weight, *([m.kv_proj.weight] if m.kv_proj is not None else [])):
-                yield w, std
-            yield m.o_proj.weight, out_std
-        elif isinstance(m, SwiGLU):
-            yield from ((m.w1.weight, std), (m.w3.weight, std), (m.w2.weight, out_std))
-        elif isinstance(m, MoE):  # (its shared experts are a SwiGLU, met on their own)
-            yield from ((m.router.weight, std), (m.w1, std), (m.w3, std), (m.w2, out_std))
-        elif isinstance(m, GPT) and not m.config.tie_embeddings:  # (tied: it is the embedding)
-            yield m.lm_head.weight, std
-
-
-def init_weights(module, n_layer, std=0.02):
-    """Every weight of a GPT (or of a bare layer) set as weight_inits says."""
-    for w, std in weight_inits(module, n_layer, std):
-        nn.init.ones_(w) if std is None else nn.init.normal_(w, std=std)
-
-
 class GPT(nn.Module):
     def __init__(self, config, verbose=True):
         super().__init__()
         self.config = config
-        self.rope_base = config.rope_base  # a long-context stage may raise it; saved with the weights
-        # torch's layers draw a default init as they are built; init_weights replaces every one of them, so those
-        # draws are made on a forked RNG and thrown away. The weights then depend on the seed and weight_inits
-        # alone, which lets parallel.py make them shard by shard on a model built on the meta device.
-        with torch.random.fork_rng(devices=[]):
+        # A stage may raise the RoPE base or change the local layers' window; both are saved with the weights.
+        self.rope_base, self.window = config.rope_base, config.window
+        # The layers are made on the meta device: no memory and none of torch's default draws, which init_weights
+        # would only overwrite. The weights then depend on the seed and weight_inits alone, on whatever device is
+        # the default here (under `with torch.device("meta")` the model stays bare).
+        device = torch.get_default_device()
+        with torch.device("meta"):
             self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-            self.drop = nn.Dropout(config.dropout)
             self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
             self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.to_empty(device=device)
         self.tie_weights()
         init_weights(self, config.n_layer, config.init_std)
         if verbose:
             print(self.describe())
 
     def tie_weights(self):
-        """With tie_embeddings, the output layer is the token embedding (one tensor; parallel.py ties it again
-        after making the sharded model's weights anew)."""
+        """With tie_embeddings, the output layer is the token embedding: one tensor. (Making the weights anew on
+        a device, as to_empty does, unties it.)"""
         if self.config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
 
     def get_extra_state(self):
-        return {"rope_base": self.rope_base}
+        return {"rope_base": self.rope_base, "window": self.window}
 
     def set_extra_state(self, state):
         self.rope_base = state["rope_base"]
+        self.set_window(state.get("window", self.config.window))  # (a run saved before windows could change)
+
+    def set_window(self, window):
+        """Every local layer attends to the last `window` positions from now on (a stage's window)."""
+        self.window = window
+        for block in self.blocks:
+            if block.attn.kind == LOCAL:
+                block.attn.window = window
 
     def moe_layers(self):
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
@@ -245,12 +119,12 @@ class GPT(nn.Module):
         cos, sin = rope_cache(positions, self.config.n_embd // self.config.n_head, self.rope_base)
         if positions.dim() == 2:  # one position per row (engine.py's ragged batch): broadcast over the heads
             cos, sin = cos[:, None], sin[:, None]
-        x = self.drop(self.wte(idx))
+        x = self.wte(idx)
         kv, aux, routing = None, x.new_zeros(()), []
         for i, block in enumerate(self.blocks):
             x, layer_kv, layer_aux, layer_routing = block(x, cos, sin, kv, cache, i)
             if block.attn.kind == GLOBAL:
-                kv = layer_kv  # the K/V a following SHARED layer reuses
+                kv = layer_kv  # the K/V a following SHARING layer attends with
             aux = aux + layer_aux
             if layer_routing is not None:
                 routing.append(layer_routing)
@@ -268,6 +142,42 @@ class GPT(nn.Module):
         if parts:
             return logits, loss, LossParts(ce, aux, token_loss, tuple(routing))
         return logits, loss
+
+    # -------------------------------------------------------------------------------------------------
+    def make_cache(self, batch_size, max_len, device=None, dtype=None):
+        """A KVCache for this model, its local layers' rings as long as their window now. Its dtype is autocast's
+        where autocast is on (the keys and values come out of the projections in that dtype, and attention reads
+        them in it), else the weights'. On the meta device it holds no memory and still counts its bytes."""
+        where = self.wte.weight.device.type  # (the autocast of where the model runs, also for a cache on meta)
+        if dtype is None:
+            dtype = torch.get_autocast_dtype(where) if torch.is_autocast_enabled(where) else self.wte.weight.dtype
+        device = device or self.wte.weight.device
+        return kv_cache(self.config, batch_size, max_len, device, dtype, self.window)
+
+    @torch.inference_mode()  # like no_grad, with less per-op bookkeeping: decoding runs many small ops
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, cache=None, on_token=None,
+                 vocab_size=None):
+        """Continue idx (B, T) by max_new_tokens tokens: one prefill of the prompt, then one token at a
+        time through the KV cache. temperature 0 (or top_k=1) is greedy. top_p: nucleus sampling with the
+        same rule as the router (smallest set of tokens whose probabilities reach p). vocab_size: the
+        tokenizer's, when the model's is padded beyond it: ids past it are never produced.
+
+        Past block_size: local layers simply slide (their ring buffer never holds more than `window`); global
+        layers keep attending to every position, with RoPE angles beyond those seen in training, so quality
+        degrades gradually there. The cache is sized for prompt + max_new_tokens; on_token(tokens) is called
+        with each new (B, 1) tensor as it is produced."""
+        if cache is None:
+            cache = self.make_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
+        cache.check_room(idx.shape[1] + max_new_tokens - 1)  # (the last new token is never fed back)
+        logits, _ = self(idx, cache=cache)
+        for i in range(max_new_tokens):
+            token = next_token(logits[:, -1, :vocab_size].float(), temperature, top_k, top_p)  # (padding ids: unknowns)
+            idx = torch.cat([idx, token], dim=1)
+            if on_token is not None:
+                on_token(token)
+            if i < max_new_tokens - 1:  # the last token needs no logits after it
+                logits, _ = self(token, cache=cache)
+        return idx
 
     # -------------------------------------------------------------------------------------------------
     def num_params(self, active=False, experts_per_token=None):
@@ -297,7 +207,7 @@ class GPT(nn.Module):
         c = self.config
         moes = self.moe_layers()
         line = (f"GPT: {self.num_params() / 1e6:.2f}M parameters, layout {''.join(c.layout())} (L local "
-                f"w={c.window}, G global, S shares the previous G's K/V), {len(moes)} MoE layers of "
+                f"w={self.window}, G global, S attends with the previous G's K/V), {len(moes)} MoE layers of "
                 f"{c.n_experts} experts + {c.n_shared} shared, {c.router.routing} routing")
         if moes:
             per_expert = 3 * c.n_embd * c.expert_hidden * len(moes)
@@ -311,10 +221,10 @@ class GPT(nn.Module):
     def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
         """AdamW. Matrices (embeddings, projections, experts, router) decay; norm gains do not: decay pulls
         a gain toward 0, which is not a sensible prior for a scale that starts at 1."""
-        experts = {id(w) for m in self.moe_layers() for w in (m.w1, m.w3, m.w2)}
+        experts = {id(w) for m in self.moe_layers() for w in m.experts.parameters()}
         params = [p for p in self.parameters() if p.requires_grad]
-        # The routed experts get a group of their own: expert parallelism splits them over the ranks (parallel.py)
-        # and one fused update needs its tensors alike.
+        # The routed experts get a group of their own: expert parallelism splits them over the ranks
+        # (infra/parallel.py) and one fused update needs its tensors alike.
         routed = [p for p in params if id(p) in experts]
         matrices = [p for p in params if p.dim() >= 2 and id(p) not in experts]
         groups = [{"params": routed, "weight_decay": weight_decay}, {"params": matrices, "weight_decay": weight_decay},
@@ -322,46 +232,12 @@ class GPT(nn.Module):
         # The fused kernel (CUDA and CPU) updates every tensor in one op instead of a dozen ops per tensor.
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
-    def make_cache(self, batch_size, max_len, device=None, dtype=None):
-        """A KVCache for this model. Its dtype is autocast's where autocast is on (the keys and values come out
-        of the projections in that dtype, and attention reads them in it), else the weights'."""
-        device = torch.device(device or self.wte.weight.device)
-        if dtype is None:
-            dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                     else self.wte.weight.dtype)
-        return kv_cache(self.config, batch_size, max_len, device, dtype)
-
-    @torch.inference_mode()  # like no_grad, with less per-op bookkeeping: decoding runs many small ops
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, cache=None, on_token=None,
-                 vocab_size=None):
-        """Continue idx (B, T) by max_new_tokens tokens: one prefill of the prompt, then one token at a
-        time through the KV cache. temperature 0 (or top_k=1) is greedy. top_p: nucleus sampling with the
-        same rule as the router (smallest set of tokens whose probabilities reach p). vocab_size: the
-        tokenizer's, when the model's is padded beyond it: ids past it are never produced.
-
-        Past block_size: local layers simply slide (their ring buffer never holds more than `window`); global
-        layers keep attending to every position, with RoPE angles beyond those seen in training, so quality
-        degrades gradually there. The cache is sized for prompt + max_new_tokens; on_token(tokens) is called
-        with each new (B, 1) tensor as it is produced (sample.py streams with it)."""
-        if cache is None:
-            cache = self.make_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
-        cache.check_room(idx.shape[1] + max_new_tokens - 1)  # (the last new token is never fed back)
-        logits, _ = self(idx, cache=cache)
-        for i in range(max_new_tokens):
-            token = next_token(logits[:, -1, :vocab_size].float(), temperature, top_k, top_p)  # (padding ids: unknowns)
-            idx = torch.cat([idx, token], dim=1)
-            if on_token is not None:
-                on_token(token)
-            if i < max_new_tokens - 1:  # the last token needs no logits after it
-                logits, _ = self(token, cache=cache)
-        return idx
-
 
 def next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """(B, 1) next tokens from logits (B, V): greedy at temperature 0 (or top_k=1), else a sample from the
     tempered softmax, cut to the top_k tokens and then to the top_p nucleus (the router's rule: the smallest set
     whose probabilities reach p). generator: the random stream to draw from (engine.py gives each request its own)."""
-    if temperature == 0 or top_k == 1:
+    if temperature < 1e-30 or top_k == 1:  # (the limit as the temperature falls; smaller ones are 0 in float32)
         return logits.argmax(-1, keepdim=True)
     probs = ((logits - logits.amax(-1, keepdim=True)) / temperature).softmax(-1)  # (no inf - inf)
     if top_k is not None:
@@ -371,20 +247,167 @@ def next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-def compiled(model, backend="inductor"):
-    """torch.compile(model), with the MoE's data-dependent dispatch traced into the graph: which tokens go to
-    which expert (nonzero) and how many each gets (read with tolist on the loop path) would otherwise break
-    the graph once or twice per MoE layer, and every stage's new sequence length would then recompile each
-    piece, until Dynamo's limit of 8 versions leaves the rest uncompiled. Traced, a training step is one
-    graph, and a change of shape costs one recompile (after which that dimension is dynamic)."""
+def compile_model(model, backend="inductor"):
+    """torch.compile(model), after turning on two process-wide Dynamo settings that trace the MoE's
+    data-dependent dispatch into the graph: which tokens go to which expert (nonzero) and how many each gets
+    (read with tolist on the loop path) would otherwise break the graph once or twice per MoE layer, and every
+    stage's new sequence length would then recompile each piece, until Dynamo's limit of 8 versions leaves the
+    rest uncompiled. Traced, a training step is one graph, and a change of shape costs one recompile (after
+    which that dimension is dynamic)."""
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     torch._dynamo.config.capture_scalar_outputs = True
     return torch.compile(model, backend=backend)
 
 
 # -----------------------------------------------------------------------------------------------------
+# The settings
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304          # token ids the model knows; train.py takes the data's, padded to a multiple of 64
+    block_size: int = 256            # longest training sequence
+    n_layer: int = 4                 # transformer blocks
+    n_head: int = 4                  # query heads
+    n_kv_head: int = 2               # grouped-query attention: n_head / n_kv_head query heads per K/V head
+    n_embd: int = 128                # width of the residual stream
+    # Hybrid attention
+    attn_pattern: str = "LLLG"       # L = local, G = global, tiled over the layers (Yi-Lightning: LLLG)
+    window: int = 64                 # local layers see this many positions (themselves included); a stage may change it
+    share_kv: bool = False           # global layers share K/V in pairs: the 2nd of each pair reuses the 1st's
+    rope_base: float = 10000.0       # RoPE base at the start of training (a stage may raise it)
+    # Mixture-of-Experts
+    n_dense_layers: int = 1          # the first layers keep a dense MLP (as in DeepSeekMoE)
+    mlp_hidden: Optional[int] = None     # dense SwiGLU hidden size; default 8/3 * n_embd rounded up to 8
+    n_experts: int = 8               # routed experts per MoE layer
+    n_shared: int = 1                # always-on shared experts per MoE layer
+    expert_hidden: Optional[int] = None  # hidden size of one expert; default mlp_hidden // 4 (fine-grained)
+    router: RouterConfig = field(default_factory=RouterConfig)  # how tokens pick experts (router.py)
+    # The rest
+    tie_embeddings: bool = True      # the output layer reuses the token embedding
+    norm_eps: float = 1e-5           # RMSNorm epsilon
+    init_std: float = 0.02           # weights start as normal(0, init_std) (GPT-2's 0.02, made for 768 wide)
+
+    def __post_init__(self):
+        if isinstance(self.router, dict):  # as stored in a checkpoint
+            self.router = RouterConfig(**self.router)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window", "n_experts"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): pick e.g. n_head="
+                             f"{math.gcd(self.n_embd, self.n_head)}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head size n_embd/n_head must be even for RoPE; got {self.n_embd // self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if not self.attn_pattern or not set(self.attn_pattern) <= {LOCAL, GLOBAL}:
+            raise ValueError(f"attn_pattern must be a non-empty string of L (local) and G (global); "
+                             f"got {self.attn_pattern!r}")
+        n_global = sum(kind != LOCAL for kind in self.layout())
+        if self.share_kv and n_global < 2:
+            raise ValueError(f"share_kv needs at least two global layers to pair; attn_pattern {self.attn_pattern!r} "
+                             f"over {self.n_layer} layers has {n_global}: set share_kv=False")
+        if not 0 <= self.n_dense_layers <= self.n_layer:
+            raise ValueError(f"n_dense_layers must be in [0, n_layer]; got {self.n_dense_layers}")
+        if self.n_shared < 0:
+            raise ValueError(f"n_shared must be >= 0; got {self.n_shared}")
+        if not self.rope_base > 1:
+            raise ValueError(f"rope_base must be > 1; got {self.rope_base}")
+        if not 0 < self.norm_eps < 1:
+            raise ValueError(f"norm_eps must be in (0, 1); got {self.norm_eps}")
+        if not 0 < self.init_std < 1:
+            raise ValueError(f"init_std must be in (0, 1); got {self.init_std}")
+        self.router.check(self.n_experts)
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 8 * ((8 * self.n_embd // 3 + 7) // 8)
+        if self.expert_hidden is None:
+            self.expert_hidden = max(1, self.mlp_hidden // 4)
+        if self.mlp_hidden < 1 or self.expert_hidden < 1:
+            raise ValueError("mlp_hidden and expert_hidden must be >= 1")
+
+    def layout(self):
+        """Each layer's attention kind: LOCAL, GLOBAL, or SHARING (with share_kv, every second global layer
+        attends with the K/V of the GLOBAL layer before it). Blocks, the KV cache and the FLOP count all read it."""
+        kinds = [self.attn_pattern[i % len(self.attn_pattern)] for i in range(self.n_layer)]
+        n_global = 0
+        for i, kind in enumerate(kinds):
+            if kind == GLOBAL:
+                if self.share_kv and n_global % 2 == 1:
+                    kinds[i] = SHARING
+                n_global += 1
+        return kinds
+
+
+def make_config(settings):
+    """GPTConfig from one flat dict of settings (a preset, a config file, --key=value): the router's settings
+    go to its RouterConfig, the rest to the GPTConfig."""
+    router_names = {f.name for f in fields(RouterConfig)}
+    router = RouterConfig(**{k: v for k, v in settings.items() if k in router_names})
+    return GPTConfig(**{k: v for k, v in settings.items() if k not in router_names}, router=router)
+
+
+def kv_cache(config, batch_size, max_len, device=None, dtype=torch.float32, window=None):
+    """A KVCache for a model of this config whose local layers attend to `window` positions (default: the
+    config's). On the meta device it holds no memory and still counts its bytes."""
+    return KVCache(config.layout(), window or config.window, batch_size, config.n_kv_head,
+                   config.n_embd // config.n_head, max_len, device, dtype)
+
+
+def kv_cache_bytes(config, context, dtype=torch.bfloat16):
+    """Bytes of the KV cache of one sequence of `context` positions, measured on the cache object itself, built
+    on the meta device (no memory): how the tools size caches of models too large to build."""
+    return kv_cache(config, 1, context, "meta", dtype).nbytes()
+
+
+def kv_cache_ratio(config, context):
+    """The KV cache of this layout at `context` over that of the same model with every layer global and no K/V
+    shared: what hybrid attention saves (README, "KV-cache arithmetic")."""
+    all_global = dataclasses.replace(config, attn_pattern=GLOBAL, share_kv=False)
+    return kv_cache_bytes(config, context) / kv_cache_bytes(all_global, context)
+
+
+# -----------------------------------------------------------------------------------------------------
+# The initialisation of every weight
+
+def weight_inits(module, n_layer, std=0.02):
+    """(tensor, std) for every weight of a GPT (or of a bare MoE, SwiGLU or Attention layer), and the experts'
+    balancing biases, each exactly once, in a fixed order: the one statement of the initialisation, which
+    init_weights applies and infra/parallel.py replays shard by shard. A tensor with a std > 0 starts as
+    normal(0, std); std None (an RMSNorm gain) starts at 1; std 0 (a balancing bias) at 0.
+    Embeddings, projections, routers and experts: std (GPTConfig.init_std). Projections that write into the
+    residual stream (attention's o_proj, every MLP's and expert's w2) are scaled by 1/sqrt(2 * n_layer), as in
+    GPT-2, so the stream's variance does not grow with depth. GPT-2's 0.02 is about 0.55 / sqrt(768); at 64 wide
+    it makes attention scores so flat that looking a token up by content (recall) does not form in the minutes
+    the CPU track trains, where about 1 / sqrt(n_embd) does (docs/experiments.md)."""
+    out_std = std / math.sqrt(2 * n_layer)
+    for m in module.modules():
+        if isinstance(m, nn.Embedding):
+            yield m.weight, std
+        elif isinstance(m, nn.RMSNorm):
+            yield m.weight, None
+        elif isinstance(m, Attention):
+            for w in (m.q_proj.weight, *([m.kv_proj.weight] if m.kv_proj is not None else [])):
+                yield w, std
+            yield m.o_proj.weight, out_std
+        elif isinstance(m, SwiGLU):
+            yield from ((m.w1.weight, std), (m.w3.weight, std), (m.w2.weight, out_std))
+        elif isinstance(m, MoE):  # (its shared experts are a SwiGLU, met on their own)
+            e = m.experts
+            yield from ((m.router.weight, std), (e.w1, std), (e.w3, std), (e.w2, out_std), (m.expert_bias, 0))
+        elif isinstance(m, GPT) and not m.config.tie_embeddings:  # (tied: it is the embedding)
+            yield m.lm_head.weight, std
+
+
+def init_weights(module, n_layer, std=0.02):
+    """Every weight of a GPT (or of a bare layer) set as weight_inits says."""
+    with torch.no_grad():
+        for w, std in weight_inits(module, n_layer, std):
+            nn.init.ones_(w) if std is None else nn.init.normal_(w, std=std) if std else nn.init.zeros_(w)
+
+
+# -----------------------------------------------------------------------------------------------------
 # Named shapes, each named for what it is: layers x width, or the model whose shape it takes. train.py configs
-# start from one of these; bench.py uses them for the arithmetic.
+# start from one of these; the tools use them for the arithmetic.
 
 PRESETS = {
     # 8 layers, 64 wide: the tests, the hybrid and long-context experiments.
@@ -399,8 +422,7 @@ PRESETS = {
     # A large Yi-Lightning-like shape for parameter and KV-cache arithmetic only (not trained here). The
     # report does not publish Yi-Lightning's dimensions; these are assumptions of the right magnitude.
     "yi_lightning_like": dict(n_layer=64, n_head=64, n_kv_head=8, n_embd=8192, block_size=65536, window=4096,
-                              share_kv=True, n_experts=128, n_shared=2, expert_hidden=1536, n_expert_groups=8,
-                              vocab_size=100352),
+                              share_kv=True, n_experts=128, n_shared=2, expert_hidden=1536, vocab_size=100352),
 }
 
 
@@ -409,3 +431,27 @@ def preset(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return make_config({**PRESETS[name], **overrides})
+
+
+# -----------------------------------------------------------------------------------------------------
+# A smoke test: python model.py
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=257, block_size=64, n_layer=8, n_head=4, n_kv_head=2, n_embd=64, window=8,
+                       attn_pattern="LLLG", share_kv=True, n_experts=8)
+    model = GPT(config)
+    x = torch.randint(0, 257, (2, 64))
+    logits, loss, parts = model(x, x.roll(-1, 1), parts=True)
+    print(f"forward: idx {tuple(x.shape)} -> logits {tuple(logits.shape)}; loss {loss.item():.3f} (cross-entropy "
+          f"{parts.ce.item():.3f}, ln 257 = {math.log(257):.3f} at init; aux {parts.aux.item():.4f}); routed experts "
+          f"per token by MoE layer {[round(r.experts_per_token.float().mean().item(), 2) for r in parts.routing]}")
+    model.eval()
+    out = model.generate(x[:1, :5], 30, temperature=0)
+    seq = x[:1, :5]
+    with torch.no_grad():
+        for _ in range(30):  # the whole context again at every step, as nanoGPT decodes
+            seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    print(f"greedy decoding through the KV cache equals recomputing the context at every token: "
+          f"{torch.equal(out, seq)}")
+    print(f"KV cache at 64K positions, this layout over all-global: {kv_cache_ratio(config, 65536):.3f}")

@@ -7,108 +7,35 @@ expert; a token the router is unsure about spreads its probability and so gets s
 output is weighted by its router probability, without renormalising (the paper's choice: the weights then
 carry the router's confidence). The paper uses p = 0.4, a Switch-style balance loss (weight 1e-2) and an
 entropy "dynamic loss" (weight 1e-4) that stops the router from spreading probability just to buy more
-experts; it reports 1.76 experts per token on average. Yi-Lightning adds balance across expert groups.
+experts; it reports 1.76 experts per token on average.
 
-Balancing the experts' load. The losses below (Switch's balance loss) pull the router's probabilities toward
-uniform, and so the very probabilities top-p reads. DeepSeek-V3's auxiliary-loss-free balancing instead adds a
-per-expert bias b_e to the scores that *choose* experts, never to the gates that weight them, and after each
-optimizer step moves it by a fixed rate against the sign of the expert's load error: b_e += rate * sign(mean
-load - load_e). Top-p needs a rule for it, as its threshold is on probability mass. The rule here: rank the
-experts by p_e + b_e, then keep them in that order until the kept *probabilities* p_e reach p. The bias decides
-who is chosen and in what order; the mass, the threshold and the gates stay the router's own, so a token the
-bias steers to a less likely expert needs more experts to reach p (the bias costs compute there, not
-confidence). Top-k ranks by p_e + b_e and keeps k. With b = 0 both rules are the plain ones.
+Balancing the experts' load. The balance loss pulls the router's probabilities toward uniform, and so the very
+probabilities top-p reads. DeepSeek-V3's auxiliary-loss-free balancing instead adds a per-expert bias b_e to the
+scores that *choose* experts, never to the gates that weight them, and after each optimizer step moves it by a
+fixed rate against the sign of the expert's load error: b_e += rate * sign(mean load - load_e). Top-p needs a
+rule for it, as its threshold is on probability mass. The rule here: rank the experts by p_e + b_e, then keep
+them in that order until the kept *probabilities* p_e reach p. The bias decides who is chosen and in what
+order; the mass, the threshold and the gates stay the router's own, so a token the bias steers to a less likely
+expert needs more experts to reach p (the bias costs compute there, not confidence). Top-k ranks by p_e + b_e
+and keeps k. With b = 0 both rules are the plain ones.
 
-Read top to bottom: the router's settings, the selection rules, the losses and the bias update, then the layer
-and its dropless dispatch. Imports only torch.
+Shapes: N tokens (the batch and sequence flattened), E routed experts, C = n_embd, H = expert_hidden, M rows
+sent to experts (one per kept (token, expert) pair, sorted by expert).
+
+Read top to bottom: the selection rules, the losses and the bias update (pure functions), the router's
+settings, then the layer: its experts and its dropless dispatch. Imports only torch.
 """
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import NamedTuple, Optional, get_args
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
-
-
-# -----------------------------------------------------------------------------------------------------
-# The router's settings: one validated record, used by the model config, each MoE layer, the training
-# stages (which may change any of them, e.g. top_p or the routing rule) and the checkpoints.
-
-@dataclass(frozen=True)
-class RouterConfig:
-    routing: str = "top_p"           # "top_p" (dynamic: experts until their probabilities reach p) or "top_k"
-    top_p: float = 0.4               # top-p threshold (Huang et al. 2024 use 0.4)
-    top_k: int = 2                   # experts per token under top-k routing
-    min_k: int = 1                   # top-p: at least this many experts per token
-    max_k: Optional[int] = None      # top-p: at most this many experts per token (None: no cap)
-    n_expert_groups: int = 1         # expert groups for the group balance loss (train.py: the EP ranks, ep, if unset)
-    balance_loss: float = 1e-2       # weight of the Switch-style expert balance loss (Huang et al. 2024)
-    group_balance_loss: float = 0.0  # weight of the group-level balance loss (DeepSeek-V2 uses 0.05)
-    entropy_loss: float = 1e-4       # weight of the router-entropy "dynamic loss" (Huang et al. 2024)
-    z_loss: float = 1e-3             # weight of the router z-loss (ST-MoE)
-    target_experts: Optional[float] = None  # if set, a controller moves top_p to hold this many experts/token
-    controller_gain: float = 0.05    # how far the controller moves top_p per step, per expert of error / E
-    bias_rate: float = 0.0           # loss-free balancing: per step, each expert's bias moves this much (0: off)
-
-    def __post_init__(self):
-        for f in fields(self):  # types first: a stage's router dict does not pass through the parser
-            value, kinds = getattr(self, f.name), get_args(f.type) or (f.type,)  # Optional[int]: (int, None)
-            fits = isinstance(value, kinds) or (float in kinds and isinstance(value, int))
-            if not fits or isinstance(value, bool):
-                names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
-                raise ValueError(f"router setting {f.name} must be {names}; got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"router setting {f.name} must be a finite number; got {value}")
-        bad = [f"{name} must be >= {low}; got {getattr(self, name)}" for name, low in
-               [("top_k", 1), ("min_k", 1), ("n_expert_groups", 1), ("balance_loss", 0), ("group_balance_loss", 0),
-                ("entropy_loss", 0), ("z_loss", 0), ("bias_rate", 0)] if not getattr(self, name) >= low]
-        if self.routing not in ("top_p", "top_k"):
-            bad.insert(0, f"routing must be 'top_p' or 'top_k'; got {self.routing!r}")
-        if not 0 < self.top_p <= 1:
-            bad.append(f"top_p must be in (0, 1]; got {self.top_p}")
-        if self.max_k is not None and self.max_k < self.min_k:
-            bad.append(f"max_k must be >= min_k ({self.min_k}); got {self.max_k}")
-        if self.target_experts is not None and self.target_experts < 1:
-            bad.append(f"target_experts must be >= 1; got {self.target_experts}")
-        if not self.controller_gain > 0:
-            bad.append(f"controller_gain must be > 0; got {self.controller_gain}")
-        if bad:
-            raise ValueError("; ".join(bad))
-
-    def check(self, n_experts):
-        """self, if it fits a layer of n_experts routed experts; else ValueError saying what to change."""
-        for name in ("top_k", "min_k", "max_k", "target_experts"):
-            value = getattr(self, name)
-            if value is not None and value > n_experts:
-                raise ValueError(f"{name} ({value}) cannot exceed n_experts ({n_experts})")
-        if n_experts % self.n_expert_groups != 0:
-            raise ValueError(f"n_experts ({n_experts}) must be divisible by n_expert_groups "
-                             f"({self.n_expert_groups})")
-        return self
-
-    def updated(self, n_experts, **changes):
-        """A copy with some settings changed (what a training stage does), checked for n_experts."""
-        unknown = sorted(set(changes) - {f.name for f in fields(self)})
-        if unknown:
-            raise ValueError(f"unknown router setting(s) {unknown}; known: {', '.join(f.name for f in fields(self))}")
-        return replace(self, **changes).check(n_experts)
 
 
 # -----------------------------------------------------------------------------------------------------
 # Which experts does each token get?
-
-def _check_probs(probs):
-    if probs.dim() != 2:
-        raise ValueError(f"probs must be (tokens, experts); got shape {tuple(probs.shape)}")
-
-
-def _unsort(order, kept):
-    """kept (N, E) bool in rank order (column r: the expert at rank r of `order`) -> mask by expert index."""
-    return torch.empty_like(kept).scatter_(-1, order, kept)
-
 
 def _sorted(probs, bias=None):
     """(probabilities, experts) in descending order of probability + bias (bias (E,), or None: 0); stable, so
@@ -119,19 +46,18 @@ def _sorted(probs, bias=None):
     return probs.gather(-1, order), order
 
 
+def _unsort(order, kept):
+    """kept (N, E) bool in rank order (column r: the expert at rank r of `order`) -> mask by expert index."""
+    return torch.empty_like(kept).scatter_(-1, order, kept)
+
+
 def top_p_mask(probs, p, min_k=1, max_k=None, bias=None):
-    """Bool (N, E) mask: per row, the experts in descending order of probability (+ bias, when given: the
-    balancing bias ranks, the probabilities count) until their probabilities sum to >= p, then clamped to
-    between min_k and max_k experts. p >= 1 selects every expert."""
-    _check_probs(probs)
+    """Bool (N, E) mask: per row of probs (N, E), the experts in descending order of probability (+ bias, when
+    given: the balancing bias ranks, the probabilities count) until their probabilities sum to >= p, then
+    clamped to between min_k and max_k experts. p >= 1 selects every expert."""
+    assert probs.dim() == 2, probs.shape
     E = probs.shape[1]
     max_k = E if max_k is None else max_k
-    if not 0 < p <= 1:
-        raise ValueError(f"top_p must be in (0, 1]; got {p}")
-    if not 1 <= min_k <= E:
-        raise ValueError(f"min_k must be in [1, n_experts={E}]; got {min_k}")
-    if not min_k <= max_k <= E:
-        raise ValueError(f"max_k must be in [min_k={min_k}, n_experts={E}]; got {max_k}")
     values, order = _sorted(probs, bias)
     if p >= 1:
         kept = torch.ones_like(values, dtype=torch.bool)
@@ -153,9 +79,7 @@ def top_p_mask(probs, p, min_k=1, max_k=None, bias=None):
 def top_k_mask(probs, k, bias=None):
     """Bool (N, E) mask of the k experts per row of highest probability (+ bias, when given), ties to the lower
     expert index."""
-    _check_probs(probs)
-    if not 1 <= k <= probs.shape[1]:
-        raise ValueError(f"top_k must be in [1, n_experts={probs.shape[1]}]; got {k}")
+    assert probs.dim() == 2 and 1 <= k <= probs.shape[1], (probs.shape, k)
     order = _sorted(probs, bias)[1]
     kept = torch.zeros_like(order, dtype=torch.bool)
     kept[:, :k] = True
@@ -163,24 +87,15 @@ def top_k_mask(probs, k, bias=None):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Auxiliary losses: pure functions of the router's probabilities and choices
+# Auxiliary losses and the balancing bias: pure functions of the router's probabilities and choices
 
-def load_balance_loss(probs, mask, n_groups=None):
-    """Switch-style balance: G * sum_g f_g * P_g over G groups of experts (default G = n_experts: the
-    expert level; G = number of expert-parallel ranks: the group level).
-
-    f_g is the fraction of (token, expert) assignments that went to group g, P_g the mean router
-    probability of its experts. Both sum to 1; the loss is 1 when routing is uniform and grows as load
-    concentrates. Only P carries gradient (f comes from a discrete choice)."""
-    E = probs.shape[1]
-    n_groups = n_groups or E
-    if E % n_groups != 0:
-        raise ValueError(f"n_experts ({E}) must be divisible by the number of expert groups ({n_groups})")
+def load_balance_loss(probs, mask):
+    """Switch-style balance: E * sum_e f_e * P_e, with f_e the fraction of (token, expert) assignments that went
+    to expert e and P_e its mean router probability. Both sum to 1; the loss is 1 when routing is uniform and
+    grows as load concentrates. Only P carries gradient (f comes from a discrete choice)."""
     f = mask.float().sum(0)
     f = f / f.sum().clamp(min=1)
-    P = probs.float().mean(0)
-    f, P = f.view(n_groups, -1).sum(1), P.view(n_groups, -1).sum(1)
-    return n_groups * (f * P).sum()
+    return probs.shape[1] * (f * probs.float().mean(0)).sum()
 
 
 def router_entropy(probs):
@@ -202,7 +117,59 @@ def bias_update(bias, load, rate):
 
 
 # -----------------------------------------------------------------------------------------------------
-# The MoE layer
+# The router's settings: one validated record, used by the model config, each MoE layer, the training
+# stages (which may change any of them, e.g. top_p or the routing rule) and the checkpoints. The command line
+# and a stage's router dict are type-checked by the parser (infra/cli.py); the ranges are checked here.
+
+@dataclass(frozen=True)
+class RouterConfig:
+    routing: str = "top_p"           # "top_p" (dynamic: experts until their probabilities reach p) or "top_k"
+    top_p: float = 0.4               # top-p threshold (Huang et al. 2024 use 0.4)
+    top_k: int = 2                   # experts per token under top-k routing
+    min_k: int = 1                   # top-p: at least this many experts per token
+    max_k: Optional[int] = None      # top-p: at most this many experts per token (None: no cap)
+    balance_loss: float = 1e-2       # weight of the Switch-style expert balance loss (Huang et al. 2024)
+    entropy_loss: float = 1e-4       # weight of the router-entropy "dynamic loss" (Huang et al. 2024)
+    z_loss: float = 1e-3             # weight of the router z-loss (ST-MoE)
+    target_experts: Optional[float] = None  # if set, a controller moves top_p to hold this many experts/token
+    controller_gain: float = 0.05    # how far the controller moves top_p per step, per expert of error / E
+    bias_rate: float = 0.0           # loss-free balancing: per step, each expert's bias moves this much (0: off)
+
+    def __post_init__(self):
+        bad = [f"{name} must be >= {low}; got {getattr(self, name)}" for name, low in
+               [("top_k", 1), ("min_k", 1), ("balance_loss", 0), ("entropy_loss", 0), ("z_loss", 0),
+                ("bias_rate", 0)] if not getattr(self, name) >= low]
+        if self.routing not in ("top_p", "top_k"):
+            bad.insert(0, f"routing must be 'top_p' or 'top_k'; got {self.routing!r}")
+        if not 0 < self.top_p <= 1:
+            bad.append(f"top_p must be in (0, 1]; got {self.top_p}")
+        if self.max_k is not None and self.max_k < self.min_k:
+            bad.append(f"max_k must be >= min_k ({self.min_k}); got {self.max_k}")
+        if self.target_experts is not None and self.target_experts < 1:
+            bad.append(f"target_experts must be >= 1; got {self.target_experts}")
+        if not self.controller_gain > 0:
+            bad.append(f"controller_gain must be > 0; got {self.controller_gain}")
+        if bad:
+            raise ValueError("; ".join(bad))
+
+    def check(self, n_experts):
+        """self, if it fits a layer of n_experts routed experts; else ValueError saying what to change."""
+        for name in ("top_k", "min_k", "max_k", "target_experts"):
+            value = getattr(self, name)
+            if value is not None and value > n_experts:
+                raise ValueError(f"{name} ({value}) cannot exceed n_experts ({n_experts})")
+        return self
+
+    def updated(self, n_experts, **changes):
+        """A copy with some settings changed (what a training stage does), checked for n_experts."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"unknown router setting(s) {unknown}; known: {', '.join(f.name for f in fields(self))}")
+        return replace(self, **changes).check(n_experts)
+
+
+# -----------------------------------------------------------------------------------------------------
+# The experts
 
 class SwiGLU(nn.Module):
     """A dense gated MLP: w2(silu(x w1) * (x w3)). Used for dense layers and for the shared experts."""
@@ -217,6 +184,28 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def expert_mlps(xs, counts, w1, w3, w2, grouped):
+    """xs (M, C) with rows sorted by expert, counts (E,) rows per expert, w1 and w3 (E, C, H), w2 (E, H, C) ->
+    (M, C): each row through its own expert's SwiGLU. grouped: one torch._grouped_mm per weight over every
+    expert's slice at once; else one expert at a time."""
+    if grouped:
+        offs = counts.cumsum(0).to(torch.int32)
+        h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
+        return torch._grouped_mm(h, w2, offs=offs)
+    # One expert at a time, its whole MLP on its slice. On CPU this beats the grouped GEMM: a slice's
+    # intermediates stay in cache instead of making three passes over the whole buffer. An expert with no
+    # tokens still multiplies an empty slice, so its weights stay in the autograd graph (zero gradient) and
+    # DDP needs no find_unused_parameters. Without autograd (evaluation, decoding) there is no graph to keep,
+    # and skipping empty experts saves small ops (not under torch.compile: a test of a slice's data-dependent
+    # length cannot be traced). (Iterating over the stacked weights unbinds them: one backward op stacks every
+    # expert's gradient. Indexing w1[e] instead would give each expert a backward that writes a full-size zero
+    # gradient.)
+    sizes, keep_empty = counts.tolist(), torch.is_grad_enabled() or torch.compiler.is_compiling()
+    pieces = [(F.silu(xe @ a) * (xe @ b)) @ c for xe, a, b, c in zip(xs.split(sizes), w1, w3, w2)
+              if keep_empty or len(xe)]
+    return torch.cat(pieces) if pieces else xs.new_zeros(0, w2.shape[-1])  # (a rank may get no rows)
+
+
 def grouped_mm_supported(device_type, dtype, capability, sizes):
     """Whether the grouped-GEMM expert path is known to be right here: fp32 on CPU, or bf16 on Hopper (compute
     capability 9.x) only. On Blackwell (10.x) experts that get no tokens receive non-zero weight gradients from
@@ -229,9 +218,11 @@ def grouped_mm_supported(device_type, dtype, capability, sizes):
     return aligned and device_ok
 
 
-def grouped_mm_available(x, w):
-    capability = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
-    return grouped_mm_supported(x.device.type, x.dtype, capability, (x.shape[1], w.shape[1], w.shape[2]))
+def use_grouped_mm(xs, w1):
+    """The path the experts take for rows xs (in the compute dtype) and weights w1 (E, C, H): the grouped GEMM on
+    CUDA where it is known to be right, the loop elsewhere (on CPU the faster of the two)."""
+    return xs.device.type == "cuda" and grouped_mm_supported(
+        "cuda", xs.dtype, torch.cuda.get_device_capability(xs.device), (xs.shape[1], w1.shape[2]))
 
 
 def compute_dtype(x):
@@ -240,11 +231,26 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def local_part(w):
-    """The part of a weight this process holds: under expert parallelism (parallel.py) the expert weights are
-    DTensors split over the ranks, and each rank runs its own slice; otherwise the weight itself."""
-    return w.to_local() if isinstance(w, DTensor) else w
+class Experts(nn.Module):
+    """E routed experts, each a SwiGLU of hidden size H, as three stacked weights. forward(xs, counts) -> ys:
+    xs (M, C) rows sorted by expert, counts (E,) rows per expert; each row through its expert, in the compute
+    dtype. Expert parallelism (infra/parallel.py) replaces this module by one that holds a slice of the experts
+    and sends each row to the rank that holds its expert."""
 
+    def __init__(self, n_experts, n_embd, hidden):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, n_embd, hidden))
+        self.w3 = nn.Parameter(torch.empty(n_experts, n_embd, hidden))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, n_embd))
+
+    def forward(self, xs, counts):
+        dtype = compute_dtype(xs)
+        xs, w1, w3, w2 = (t.to(dtype) for t in (xs, self.w1, self.w3, self.w2))
+        return expert_mlps(xs, counts, w1, w3, w2, use_grouped_mm(xs, w1))
+
+
+# -----------------------------------------------------------------------------------------------------
+# The MoE layer
 
 class Routing(NamedTuple):
     """What one MoE forward decided, as tensors. Reading their values syncs a GPU: the caller decides when."""
@@ -264,30 +270,17 @@ class MoE(nn.Module):
     config: the RouterConfig this layer routes with. A training stage may swap it (`self.config = ...`) and
     the sparsity controller moves its top_p, so it travels with the state dict: a model loaded from a
     checkpoint routes exactly as it last trained.
-    expert_gemm: "grouped" (one torch._grouped_mm per weight, over every expert's slice at once), "loop"
-    (one expert at a time), or "auto": grouped on CUDA and the loop on CPU, the faster of the two on each.
     """
 
-    def __init__(self, n_embd, n_experts, expert_hidden, n_shared=1, config=RouterConfig(), expert_gemm="auto"):
+    def __init__(self, n_embd, n_experts, expert_hidden, n_shared=1, config=RouterConfig()):
         super().__init__()
-        if n_experts < 1:
-            raise ValueError(f"n_experts must be >= 1; got {n_experts}")
-        if n_shared < 0:
-            raise ValueError(f"n_shared must be >= 0; got {n_shared}")
-        if expert_gemm not in ("auto", "grouped", "loop"):
-            raise ValueError(f"expert_gemm must be 'auto', 'grouped' or 'loop'; got {expert_gemm!r}")
-        self.n_experts, self.expert_gemm = n_experts, expert_gemm
+        self.n_experts = n_experts
         self.config = config.check(n_experts)
         self.router = nn.Linear(n_embd, n_experts, bias=False)
-        self.w1 = nn.Parameter(torch.empty(n_experts, n_embd, expert_hidden))
-        self.w3 = nn.Parameter(torch.empty(n_experts, n_embd, expert_hidden))
-        self.w2 = nn.Parameter(torch.empty(n_experts, expert_hidden, n_embd))
+        self.experts = Experts(n_experts, n_embd, expert_hidden)
         self.shared = SwiGLU(n_embd, n_shared * expert_hidden) if n_shared > 0 else None
         # The balancing bias (bias_update): state, not a weight: it has no gradient, and checkpoints keep it.
         self.register_buffer("expert_bias", torch.zeros(n_experts))
-        # Expert parallelism (parallel.py) sets this to a callable (moe, xs, counts, gate) -> ys that sends each
-        # row to the rank holding its expert and brings the result back; None runs every expert here.
-        self.ep = None
 
     def get_extra_state(self):
         return asdict(self.config)
@@ -317,8 +310,8 @@ class MoE(nn.Module):
         # run every expert on its contiguous slice, scale by the router probability, scatter back.
         expert, token = mask.t().nonzero(as_tuple=True)
         xs = x.index_select(0, token)  # (its backward is index_add, cheaper than x[token]'s index_put)
-        gate = probs[token, expert].unsqueeze(1)
-        ys = self.experts(xs, counts, gate) if self.ep is None else self.ep(self, xs, counts, gate)
+        ys = self.experts(xs, counts)
+        ys = ys * probs[token, expert].unsqueeze(1).to(ys.dtype)  # the gate scales whole rows: once, here
         y = torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(x)
@@ -326,44 +319,10 @@ class MoE(nn.Module):
         aux = self.aux_loss(logits, probs, mask) if self.training else y.new_zeros(())
         return y.view(shape), aux, Routing(mask.sum(-1).view(shape[:-1]), counts)
 
-    def gemm_path(self, xs):
-        """"grouped" or "loop": the path `experts` takes for rows xs, already in the compute dtype."""
-        wanted = self.expert_gemm == "grouped" or (self.expert_gemm == "auto" and xs.device.type == "cuda")
-        return "grouped" if wanted and grouped_mm_available(xs, self.w1) else "loop"
-
-    def experts(self, xs, counts, gate=None):
-        """xs (M, n_embd) with rows sorted by expert, counts rows per expert (one per expert held here: all of
-        them, or this rank's under expert parallelism), gate (M, 1) router probabilities or None -> (M, n_embd):
-        each row through its expert's SwiGLU, times its gate."""
-        dtype = compute_dtype(xs)
-        xs = xs.to(dtype)
-        w1, w3, w2 = (local_part(w).to(dtype) for w in (self.w1, self.w3, self.w2))
-        # The gate scales whole output rows, so either path applies it once, to all of them.
-        scale = (lambda y: y) if gate is None else (lambda y: y * gate.to(dtype))
-        if self.gemm_path(xs) == "grouped":
-            # One grouped GEMM per weight: each expert's slice times its own matrix, in one kernel.
-            offs = counts.cumsum(0).to(torch.int32)
-            h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
-            return scale(torch._grouped_mm(h, w2, offs=offs))
-        # One expert at a time, its whole MLP on its slice. On CPU this beats the grouped GEMM ("auto"
-        # picks it there): a slice's intermediates stay in cache instead of making three passes over the
-        # whole buffer. An expert with no tokens still multiplies an empty slice, so its weights stay in
-        # the autograd graph (zero gradient) and DDP needs no find_unused_parameters. Without autograd
-        # (evaluation, decoding) there is no graph to keep, and skipping empty experts saves small ops
-        # (not under torch.compile: a test of a slice's data-dependent length cannot be traced).
-        # (Iterating over the stacked weights unbinds them: one backward op stacks every expert's gradient.
-        # Indexing w1[e] instead would give each expert a backward that writes a full-size zero gradient.)
-        sizes, keep_empty = counts.tolist(), torch.is_grad_enabled() or torch.compiler.is_compiling()
-        pieces = [(F.silu(xe @ a) * (xe @ b)) @ c for xe, a, b, c in zip(xs.split(sizes), w1, w3, w2)
-                  if keep_empty or len(xe)]
-        return scale(torch.cat(pieces)) if pieces else xs.new_zeros(0, w2.shape[-1])  # (a rank may get no rows)
-
     def aux_loss(self, logits, probs, mask):
         """The weighted sum of the router's auxiliary losses (they only shape training, so eval skips them)."""
         c = self.config
         aux = c.balance_loss * load_balance_loss(probs, mask)
-        if c.group_balance_loss and c.n_expert_groups > 1:
-            aux = aux + c.group_balance_loss * load_balance_loss(probs, mask, c.n_expert_groups)
         if c.entropy_loss:
             aux = aux + c.entropy_loss * router_entropy(probs)
         if c.z_loss:
@@ -389,3 +348,29 @@ class MoE(nn.Module):
         c = self.config
         error = (c.target_experts - experts_per_token) / self.n_experts
         self.config = replace(c, top_p=float(min(1.0, max(1e-3, c.top_p + c.controller_gain * error))))
+
+
+# -----------------------------------------------------------------------------------------------------
+# A smoke test: python router.py
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.70, 0.20, 0.10], [0.40, 0.35, 0.25]])
+    print("probs", [[round(p, 2) for p in row] for row in probs.tolist()])
+    print("top-p 0.6 keeps", top_p_mask(probs, 0.6).int().tolist(), "(a confident token 1 expert, an unsure one 2)")
+    print("top-2 keeps    ", top_k_mask(probs, 2).int().tolist())
+    moe = MoE(n_embd=32, n_experts=8, expert_hidden=16, n_shared=1)
+    for w in moe.parameters():
+        nn.init.normal_(w, std=0.3)
+    x = torch.randn(2, 5, 32)
+    y, aux, routing = moe(x)
+    print(f"MoE: x {tuple(x.shape)} -> y {tuple(y.shape)}, aux loss {aux.item():.4f}, routed experts per token "
+          f"{routing.experts_per_token.float().mean().item():.2f}, tokens per expert "
+          f"{routing.tokens_per_expert.tolist()}")
+    # The dispatch against a plain loop over tokens and their experts.
+    logits, probs, mask = moe.route(x.reshape(-1, 32))
+    want = moe.shared(x.reshape(-1, 32))
+    for t, e in mask.nonzero().tolist():
+        w1, w3, w2 = moe.experts.w1[e], moe.experts.w3[e], moe.experts.w2[e]
+        want[t] = want[t] + probs[t, e] * ((F.silu(x.reshape(-1, 32)[t] @ w1) * (x.reshape(-1, 32)[t] @ w3)) @ w2)
+    print("matches a token-by-token loop:", torch.allclose(y.reshape(-1, 32), want, atol=1e-5))

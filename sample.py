@@ -1,15 +1,15 @@
 """
-Sample from a trained run, streaming tokens as the KV cache produces them.
+Sample from a trained run, streaming each sample's text as the serving engine produces it.
 
     python sample.py --out_dir=out/default --start="ROMEO:" --num_samples=2 --max_new_tokens=200
     python sample.py --out_dir=out/default --start=FILE:prompt.txt --temperature=0.8 --top_p=0.9
     python sample.py --out_dir=out/default --start="12+35=" --show_experts     # shade tokens by their experts
-    python sample.py --out_dir=out/default --prompts=prompts.txt --num_samples=4  # served together (engine.py)
+    python sample.py --out_dir=out/default --prompts=prompts.txt --num_samples=4  # decoded together, each streamed
 
 Loads out_dir/ckpt.pt (or best.pt with --checkpoint=best), rebuilds the model and the run's tokenizer, and
-prints tokens/s and the KV cache's size at the end. One sample streams token by token; several (num_samples > 1,
-or a file of prompts, one per line) decode together in engine.py's continuous batch, as many at once as
---kv_cache_mib holds, and each prints whole as it finishes. With --show_experts, each token of the prompt and the
+serves the samples through engine.py: several (num_samples > 1, or a file of prompts, one per line) decode
+together in its continuous batch, as many at once as --kv_cache_mib holds, and each prints as its tokens come, one
+sample after another; tokens/s and the KV cache's size at the end. With --show_experts, each token of the prompt and the
 sample is shaded by how many routed experts it used (the mean over MoE layers): in the terminal with ANSI
 colours, and in out_dir/experts.png for slides.
 """
@@ -17,17 +17,15 @@ colours, and in out_dir/experts.png for slides.
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-import cli
-from cli import need
-from checkpoint import load_run
-from engine import Engine, Request
-from model import kv_cache_bytes
+from infra import cli
+from infra.cli import need
+from infra.checkpoint import load_run
+from engine import Engine, Request, check_sampling
 
 
 @dataclass
@@ -50,9 +48,9 @@ class SampleConfig:
         need(self.checkpoint in ("ckpt", "best"), f"checkpoint must be ckpt or best; got {self.checkpoint!r}")
         need(self.num_samples >= 1, f"num_samples must be >= 1; got {self.num_samples}")
         need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
-        need(self.temperature >= 0, f"temperature must be >= 0 (0 is greedy); got {self.temperature}")
-        need(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1 (or left out); got {self.top_k}")
-        need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1] (or left out); got {self.top_p}")
+        sampling = check_sampling(self.temperature, self.top_k, self.top_p)  # (the engine's rule for a request's)
+        need(sampling is None, sampling)
+        need(self.prompts is None or self.prompts.strip(), "prompts must name a file of prompts; got an empty path")
         need(cli.valid_device(self.device), f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         need(cli.valid_seed(self.seed), f"seed must be a whole number in [0, 2**32); got {self.seed!r}")
         need(self.kv_cache_mib > 0, f"kv_cache_mib must be > 0; got {self.kv_cache_mib}")
@@ -157,52 +155,53 @@ def encode(tokenizer, text):
     return ids
 
 
-def stream_one(model, tokenizer, text, prompt, cfg, device):
-    """One sample, printed token by token as the KV cache produces it."""
-    print(text, end="", flush=True)
-    generated, shown = [], [0]
-
-    def stream(token):
-        # Decode the whole continuation each time, and hold back a trailing U+FFFD: it may be a character
-        # whose bytes (or tokens) are still coming.
-        generated.append(token[0, 0].item())
-        decoded = tokenizer.decode(generated)
-        ready = len(decoded.rstrip("\ufffd")) if len(generated) < cfg.max_new_tokens else len(decoded)
-        print(decoded[shown[0]:ready], end="", flush=True)
-        shown[0] = max(shown[0], ready)
-
-    t0 = time.time()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    with autocast:  # bf16 on CUDA: the matmuls, the KV cache and the MoE's grouped GEMM path
-        cache = model.make_cache(1, len(prompt) + cfg.max_new_tokens)
-        out = model.generate(torch.tensor([prompt], device=device), cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                             cfg.top_p, cache=cache, on_token=stream, vocab_size=tokenizer.vocab_size)
-    dt = time.time() - t0
-    print(f"\n--- {cfg.max_new_tokens} tokens in {dt:.2f}s ({cfg.max_new_tokens / dt:.1f} tokens/s), "
-          f"KV cache {cache.nbytes() / 1024:.1f} KiB for {cache.max_len} positions ---")
-    return out[0].tolist()
-
-
-def serve_all(model, tokenizer, texts, prompts, longest, cfg):
-    """Every prompt num_samples times through engine.py, each sample printed whole as it finishes, in cache rows of
-    `longest` positions. Stops at end-of-text (a single streamed sample runs its full length)."""
-    requests = [Request(ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, seed=cfg.seed + i)
-                for i, ids in enumerate(ids for ids in prompts for _ in range(cfg.num_samples))]
+def sample_all(model, tokenizer, texts, prompts, cfg):
+    """Every prompt num_samples times through engine.py, each sample printed as its tokens come: the sample on
+    show streams, the others decode beside it in the same batch and their text waits its turn, so the samples print
+    one after another, whole and in order. Each stops at end-of-text or max_new_tokens. Returns the first sample's
+    ids, prompt included (for --show_experts)."""
+    longest = max(len(ids) for ids in prompts) + cfg.max_new_tokens
+    budget = min(cfg.kv_cache_mib * 2 ** 20, cli.free_memory(model.wte.weight.device))
     try:
-        engine = Engine(model, min(cfg.kv_cache_mib * 2 ** 20, cli.free_memory(model.wte.weight.device)),
-                        max_len=longest, eot=tokenizer.eot, vocab_size=tokenizer.vocab_size, max_batch=len(requests))
-        t0, produced = time.time(), 0
-        for result in engine.serve(requests):
-            p, n = divmod(result.index, cfg.num_samples)
-            print(f"--- prompt {p + 1}/{len(prompts)}, sample {n + 1}/{cfg.num_samples} ({len(result.tokens)} "
-                  f"tokens, {'end-of-text' if result.finished == 'eot' else 'max_new_tokens'}) ---")
-            print(texts[p] + tokenizer.decode(result.tokens), flush=True)
-            produced += len(result.tokens)
-    except ValueError as e:  # (a budget too small for one sequence, a request the model cannot serve)
-        raise SystemExit(f"cannot serve these samples: {e}") from None
-    dt = time.time() - t0
-    print(f"--- {len(requests)} samples, {produced} tokens in {dt:.2f}s ({produced / dt:.1f} tokens/s), up to "
-          f"{engine.slots} at once in a KV cache of {engine.cache.nbytes() / 2 ** 20:.1f} MiB ---")
+        engine = Engine(model, budget, max_len=longest, eot=tokenizer.eot, decode=tokenizer.decode,
+                        vocab_size=tokenizer.vocab_size, max_batch=len(prompts) * cfg.num_samples)
+        order = [(rid, p, n) for p, ids in enumerate(prompts) for n, rid in enumerate(engine.add_request(
+            Request(ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed + p * cfg.num_samples),
+            n=cfg.num_samples))]
+    except ValueError as e:  # (a budget too small for one sequence, a prompt the model cannot take)
+        raise SystemExit(f"cannot sample: {e}") from None
+    several = len(order) > 1
+    held, tokens, finished, shown = {rid: [] for rid, _, _ in order}, {rid: [] for rid, _, _ in order}, {}, 0
+    t0 = time.time()
+
+    def begin(i):
+        rid, p, n = order[i]
+        if several:
+            print(f"--- prompt {p + 1}/{len(prompts)}, sample {n + 1}/{cfg.num_samples} ---")
+        print(texts[p], end="", flush=True)
+
+    begin(0)
+    while engine.busy():
+        for out in engine.step():
+            held[out.id].append(out.text)
+            tokens[out.id] += out.tokens
+            finished[out.id] = out.finished
+        while shown < len(order):  # the sample on show prints what it has; once it ends, the next one's turn
+            rid = order[shown][0]
+            print("".join(held[rid]), end="", flush=True)
+            held[rid] = []
+            if not finished.get(rid):
+                break
+            reason = {"eot": "end-of-text", "length": "max_new_tokens"}[finished[rid]]
+            print(f"\n--- {len(tokens[rid])} tokens, {reason} ---" if several else "", flush=True)
+            shown += 1
+            if shown < len(order):
+                begin(shown)
+    dt, produced = time.time() - t0, sum(map(len, tokens.values()))
+    print(f"--- {len(order)} sample{'s' if several else ''}, {produced} tokens in {dt:.2f}s ({produced / dt:.1f} "
+          f"tokens/s), {min(engine.n_rows, len(order))} at once in a KV cache of "
+          f"{engine.cache.kv.nbytes() / 2 ** 20:.2f} MiB ---")
+    return prompts[0] + tokens[order[0][0]]
 
 
 def main(argv):
@@ -213,16 +212,14 @@ def main(argv):
     model, tokenizer = load_run(cfg.out_dir, cfg.checkpoint, device)
     prompts = [encode(tokenizer, text) for text in texts]
     longest = max(len(ids) for ids in prompts) + cfg.max_new_tokens
-    need_bytes = kv_cache_bytes(model.config, longest, model.wte.weight.dtype)
+    need_bytes = model.make_cache(1, longest, "meta").nbytes()
     have = cli.free_memory(device)
     if need_bytes > have:
         raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens} needs a KV cache of {need_bytes / 2 ** 30:,.1f} GiB "
                          f"for one sequence; {have / 2 ** 30:,.1f} GiB is free here: ask for fewer tokens")
-    if len(prompts) > 1 or cfg.num_samples > 1:
-        return serve_all(model, tokenizer, texts, prompts, longest, cfg)
-    out = stream_one(model, tokenizer, texts[0], prompts[0], cfg, device)
+    ids = sample_all(model, tokenizer, texts, prompts, cfg)
     if cfg.show_experts:
-        show_experts(model, tokenizer, out, os.path.join(cfg.out_dir, "experts.png"))
+        show_experts(model, tokenizer, ids, os.path.join(cfg.out_dir, "experts.png"))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """
-Multi-stage training on one CPU, one GPU, or many GPUs and nodes (parallel.py says how the model is spread).
+Multi-stage training on one CPU, one GPU, or many GPUs and nodes (infra/parallel.py says how the model is spread).
 
     python train.py config/default.py                 # the three-stage CPU run of the quickstart
     python train.py --help                            # every setting, with its default and meaning
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_trunk_64e.py [--parallel=fsdp] [--ep=8]
 
 A run is a list of stages (Yi-Lightning trains this way), each with its own data mixture, budget, sequence
-length, batch, learning-rate phase, RoPE base and router settings. Checkpoints (checkpoint.py) carry everything
+length, batch, learning-rate phase, RoPE base and router settings. Checkpoints (infra/checkpoint.py) carry everything
 needed to resume exactly: a killed run started again with the same command continues where it stopped.
 
 Read top to bottom: the settings, the schedule, then the Trainer, whose run() is the story of a run: for each
@@ -20,7 +20,7 @@ import sys
 import time
 
 STARTED = time.time()  # before torch is imported: each log record's wall_s counts from here
-import cli
+from infra import cli
 if __name__ == "__main__":  # (first: until the run's own handler is in place, a signal ends start-up in one line)
     cli.exit_on_signal("interrupted while starting: nothing was trained. Run the same command to start again.")
 from contextlib import nullcontext
@@ -30,13 +30,13 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from cli import need
-import evaluation
-import parallel
-from checkpoint import (append_metrics, claim_out_dir, good_checkpoint, last_checkpoint, pack, resume, runtime_changes,
-                        save, save_atomic, start_metrics)
+from infra.cli import need
+from infra import evaluation
+from infra import parallel
+from infra.checkpoint import (append_metrics, claim_out_dir, good_checkpoint, last_checkpoint, pack, resume,
+                              runtime_changes, save_atomic, start_metrics, write_checkpoint)
 from data.corpus import TOKENIZERS, MixtureLoader, check_prepared, mixture_tokenizer
-from model import GPTConfig, PRESETS, compiled, make_config
+from model import GPTConfig, PRESETS, compile_model, make_config
 from router import RouterConfig
 
 
@@ -54,35 +54,27 @@ class Stage:
     lr_end: Optional[float] = None       # fraction of peak lr at the stage's last step; None: same as lr_start
     decay: str = "linear"                # shape from lr_start to lr_end: "linear" or "cosine"
     rope_base: Optional[float] = None    # None: keep the current base
+    window: Optional[int] = None         # the local layers' window from this stage on; None: keep the current one
     router: dict = field(default_factory=dict)  # router settings changed from here on, e.g. {"top_p": 0.5}
 
-    def __post_init__(self):
+    def __post_init__(self):  # (the parser checked the names and types: here, the ranges)
         try:
             self.check()
         except cli.ConfigError as e:
             raise cli.ConfigError(f"stage {self.name!r}: {e}") from None
 
     def check(self):
-        need(isinstance(self.name, str) and self.name, "a stage needs a name (a non-empty string)")
-        need(isinstance(self.mixture, dict) and self.mixture, "mixture must name at least one corpus")
+        need(self.name, "a stage needs a name (a non-empty string)")
+        need(self.mixture, "mixture must name at least one corpus")
         need((self.steps is None) != (self.tokens is None), "give exactly one budget: steps or tokens")
-        for name in ("steps", "tokens", "seq_len", "batch_size", "grad_accum", "warmup", "lr_start", "lr_end",
-                     "rope_base"):  # (types first: a stage's dict does not pass through the parser)
-            value, whole = getattr(self, name), name not in ("lr_start", "lr_end", "rope_base")
-            fits = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
-            need(value is None or fits and (whole or math.isfinite(value)),
-                 f"{name} must be {'a whole number' if whole else 'a finite number'}; got {value!r}")
         budget = self.steps if self.steps is not None else self.tokens
         need(budget >= 1, f"the budget must be >= 1; got {budget}")
         for name, low in [("seq_len", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup", 0), ("lr_start", 0),
-                          ("lr_end", 0)]:
+                          ("lr_end", 0), ("window", 1)]:
             value = getattr(self, name)
             need(value is None or value >= low, f"{name} must be >= {low}; got {value}")
-        need(self.steps is None or self.warmup < self.steps,
-             f"warmup ({self.warmup}) must be shorter than the stage ({self.steps} steps)")
         need(self.decay in ("linear", "cosine"), f"decay must be 'linear' or 'cosine'; got {self.decay!r}")
         need(self.rope_base is None or self.rope_base > 1, f"rope_base must be > 1; got {self.rope_base}")
-        need(isinstance(self.router, dict), f"router must be a dict of router settings; got {self.router!r}")
 
     def num_steps(self, world_size):
         if self.steps is not None:
@@ -136,12 +128,7 @@ class TrainConfig:
         need(cli.valid_seed(self.seed), f"seed must be a whole number in [0, 2**32); got {self.seed!r}")
         need(self.preset is None or self.preset in PRESETS,
              f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
-        need(isinstance(self.stages, list) and self.stages, "stages must be a non-empty list of stage dicts")
-        known = {f.name for f in dataclasses.fields(Stage)}
-        for i, stage in enumerate(self.stages):
-            need(isinstance(stage, (dict, Stage)), f"stage {i} must be a dict of stage settings; got {stage!r}")
-            need(isinstance(stage, Stage) or not set(stage) - known,
-                 f"stage {i}: unknown key(s) {sorted(set(stage) - known)}; known: {sorted(known)}")
+        need(self.stages, "stages must be a non-empty list of stage dicts")
         self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in self.stages]
         if self.eval_seq_len is None:
             self.eval_seq_len = max(s.seq_len for s in self.stages)
@@ -155,7 +142,7 @@ def load_config(argv):
     """TrainConfig, GPTConfig and the run's Tokenizer from [config.py] [--key=value ...]; vocab_size comes from
     the tokenizer. Every stage is checked here, before anything runs: a bad value in the last stage stops the
     run at once."""
-    settings = cli.parse(argv, TrainConfig, GPTConfig, groups={"router": RouterConfig}, nested=(Stage,))
+    settings = cli.parse(argv, TrainConfig, GPTConfig, groups={"router": RouterConfig}, nested={"stages": Stage})
     train_cfg = cli.build(TrainConfig, settings)
     tokenizer = mixture_tokenizer(train_cfg.corpora(), train_cfg.tokenizer)
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -166,16 +153,14 @@ def load_config(argv):
     layout_error = parallel.check_layout(train_cfg.parallel, train_cfg.ep, world_size,
                                          model_settings.get("n_experts", GPTConfig.n_experts))
     need(layout_error is None, layout_error)
-    model_settings.setdefault("n_expert_groups", train_cfg.ep)  # the group balance loss balances the EP ranks
     need(model_settings["vocab_size"] >= tokenizer.vocab_size, f"vocab_size {model_settings['vocab_size']} is "
          f"smaller than the {tokenizer.name} tokenizer's {tokenizer.vocab_size}")
     model_cfg = make_config(model_settings)  # (a ValueError it raises stops the run in main, as any bad setting)
     router = model_cfg.router
     for stage in train_cfg.stages:
         steps = stage.num_steps(world_size)
-        need(stage.tokens is None or stage.warmup < steps,  # (against a steps budget, Stage checks it)
-             f"stage {stage.name!r}: warmup ({stage.warmup}) must be shorter than the stage ({steps} steps at world "
-             f"size {world_size})")
+        need(stage.warmup < steps, f"stage {stage.name!r}: warmup ({stage.warmup}) must be shorter than the stage "
+             f"({steps} steps at world size {world_size})")
         need(stage.seq_len <= model_cfg.block_size,
              f"stage {stage.name!r}: seq_len {stage.seq_len} exceeds block_size {model_cfg.block_size}")
         try:  # the router settings in force from this stage on: those before it, with the stage's changes
@@ -241,7 +226,7 @@ class Trainer:
         self.saved_at = self.state["global_step"] if self.loader_state is not None else None  # the last checkpoint's
         if self.master:
             start_metrics(self.metrics_path, self.saved_at)
-        self.model = parallel.wrap(compiled(self.raw_model) if self.runtime["compile"] else self.raw_model,
+        self.model = parallel.wrap(compile_model(self.raw_model) if self.runtime["compile"] else self.raw_model,
                                    cfg.parallel, self.ranks)
         self.stop = parallel.StopSignal()  # (from here on, Ctrl-C saves a checkpoint and stops)
 
@@ -299,7 +284,7 @@ class Trainer:
                     self.evaluate(s, stage)
                 if stage_done:  # record in the checkpoint that the next stage starts fresh
                     state.update(stage=s + 1, step=0)
-                stopping = self.stop.requested(self.ranks, self.device)
+                stopping = parallel.any_rank(self.stop.signal is not None, self.ranks, self.device)
                 if stage_done or state["step"] % cfg.ckpt_interval == 0 or stopping:
                     self.save_checkpoint(loader)
                 if stopping:
@@ -312,7 +297,7 @@ class Trainer:
         return 0
 
     def begin_stage(self, s):
-        """The stage's loader. At its first step, the stage's router settings and RoPE base take effect;
+        """The stage's loader. At its first step, the stage's router settings, RoPE base and window take effect;
         resuming mid-stage, the checkpoint's stand (the sparsity controller may have moved top_p since)."""
         stage = self.cfg.stages[s]
         loader = MixtureLoader(stage.mixture, self.cfg.tokenizer, stage.seq_len, stage.batch_size, seed=self.cfg.seed,
@@ -324,6 +309,8 @@ class Trainer:
             moe.config = moe.config.updated(moe.n_experts, **stage.router)
         if stage.rope_base is not None:
             self.raw_model.rope_base = stage.rope_base
+        if stage.window is not None:
+            self.raw_model.set_window(stage.window)
         return loader
 
     def train_step(self, loader, stage, lr):
@@ -411,7 +398,7 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if self.device_type == "cuda" else None}
         run = pack(self.model_cfg, self.cfg, self.meta, self.state, loader=loader.state_dict(),
                    rng=parallel.gather(rng, self.ranks), world_size=self.world_size, runtime=self.runtime)
-        save(run, self.raw_model, self.optimizer, self.cfg.out_dir, self.sharded, self.master)
+        write_checkpoint(run, self.raw_model, self.optimizer, self.cfg.out_dir, self.sharded, self.master)
         self.saved_at = self.state["global_step"]
 
     def finish(self, message, complete=False):
@@ -422,11 +409,12 @@ class Trainer:
         cli.exit_on_signal("interrupted after the run ended: its checkpoint is saved")  # (the samples that follow)
         if not (self.master and complete):
             return
-        from plot import plot_run, read_metrics  # (matplotlib loads only when a run ends)
+        from infra.plot import plot_run, read_metrics  # (matplotlib loads only when a run ends)
         if self.cfg.plots:
             plot_run(self.cfg.out_dir)
         if self.cfg.samples and self.sharded:
-            print(f"(no samples here: no rank holds the whole model. python checkpoint.py {self.cfg.out_dir} writes "
+            print(f"(no samples here: no rank holds the whole model. python -m infra.checkpoint {self.cfg.out_dir} "
+                  f"writes "
                   f"it to one file, then python sample.py --out_dir={self.cfg.out_dir})")
         elif self.cfg.samples:
             lines = evaluation.show_samples(self.raw_model, self.tokenizer, self.corpora, self.tasks["arith"],

@@ -1,12 +1,11 @@
 # nanoGPT's shakespeare_char CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 iters, lr 1e-3
 # cosine to 1e-4, warmup 100), with hybrid attention (LLLG, window 32) and top-p MoE, for side-by-side
-# comparison with nanoGPT's own run of that recipe: python bench_nanogpt.py --nanogpt=PATH (docs/results.md).
+# comparison with nanoGPT's own run of that recipe: python -m tools.bench_nanogpt --nanogpt=PATH (docs/results.md).
 out_dir = "out/shakespeare_char"
 preset = "nanogpt_4x128"
 lr = 1e-3
 weight_decay = 0.1
 beta2 = 0.99
-dropout = 0.0
 eval_interval = 250
 eval_iters = 20
 log_interval = 10

@@ -125,18 +125,10 @@ def tokenizer_names(choice, supported, corpus):
     return [choice]
 
 
-def corpus_dir(name):
-    return os.path.join(DATA_DIR, name)
-
-
-def prepared_dir(name, tokenizer):
-    return os.path.join(DATA_DIR, name, tokenizer)
-
-
 def write_corpus(name, tokenizer, train_docs, val_docs, meta=None, directory=None):
     """Tokenize documents with `tokenizer` (a Tokenizer) and write train.bin, val.bin (uint16) and
     meta.json to data/<name>/<tokenizer>/ (or `directory`)."""
-    directory = directory or prepared_dir(name, tokenizer.name)
+    directory = directory or os.path.join(DATA_DIR, name, tokenizer.name)
     counts, arrays = {}, {}
     for split, docs in (("train", train_docs), ("val", val_docs)):  # (all tokenized before anything is written)
         ids, n_bytes = [], 0
@@ -170,11 +162,11 @@ def read_meta(name, tokenizer):
     """meta.json of a corpus prepared for `tokenizer`, or a clear error saying what to run."""
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {tokenizer!r}; known: {', '.join(TOKENIZERS)}")
-    if not os.path.isdir(corpus_dir(name)):
+    if not os.path.isdir(os.path.join(DATA_DIR, name)):
         raise FileNotFoundError(f"unknown corpus {name!r}; corpora in {DATA_DIR}: {', '.join(available_corpora())}")
-    directory = prepared_dir(name, tokenizer)
+    directory = os.path.join(DATA_DIR, name, tokenizer)
     how = (f"python data/{name}/prepare.py --tokenizer={tokenizer}"
-           if os.path.isfile(os.path.join(corpus_dir(name), "prepare.py"))
+           if os.path.isfile(os.path.join(DATA_DIR, name, "prepare.py"))
            else f"python data/text/prepare.py --name={name} --tokenizer={tokenizer} FILES...")
     for file in ("meta.json", "train.bin", "val.bin"):
         if not os.path.isfile(os.path.join(directory, file)):
@@ -204,7 +196,7 @@ def check_token_ids(name, tokenizer, vocab_size):
     found at startup rather than as an index error deep in the model. Reads the files in chunks (about a
     second per GB)."""
     for split in ("train", "val"):
-        path = os.path.join(prepared_dir(name, tokenizer), f"{split}.bin")
+        path = os.path.join(DATA_DIR, name, tokenizer, f"{split}.bin")
         data = np.memmap(path, dtype=np.uint16, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint16)
         largest = max((int(data[i:i + 2 ** 24].max()) for i in range(0, len(data), 2 ** 24)), default=-1)
         if largest >= vocab_size:
@@ -269,7 +261,7 @@ class MixtureLoader:
         self.rng = np.random.default_rng([seed, stream])
 
     def open(self, name, tokenizer, split):
-        path = os.path.join(prepared_dir(name, tokenizer), f"{split}.bin")
+        path = os.path.join(DATA_DIR, name, tokenizer, f"{split}.bin")
         expected = read_meta(name, tokenizer)[f"{split}_tokens"]
         if os.path.getsize(path) != 2 * expected:
             raise ValueError(f"{path} holds {os.path.getsize(path)} bytes but meta.json counts {expected} tokens "

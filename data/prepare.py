@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(here))
-import cli  # noqa: E402
+from infra import cli  # noqa: E402
 
 
 @dataclass
@@ -16,9 +16,9 @@ class PrepareAllConfig:
 
 
 force = cli.load(sys.argv[1:], PrepareAllConfig)[0].force
-TOKENIZERS = {"shakespeare": ("byte", "gpt2"), "code": ("byte", "gpt2"), "arith": ("byte", "gpt2"),
-              "recall": ("byte",)}  # (the tokenizations it checks for; recall's gaps are counted in bytes)
-for name, tokenizers in TOKENIZERS.items():
+PREPARED_FOR = {"shakespeare": ("byte", "gpt2"), "code": ("byte", "gpt2"), "arith": ("byte", "gpt2"),
+                "recall": ("byte",)}  # (the tokenizations it checks for; recall's gaps are counted in bytes)
+for name, tokenizers in PREPARED_FOR.items():
     if force or not all(os.path.isfile(os.path.join(here, name, t, "meta.json")) for t in tokenizers):
         script = os.path.join(here, name, "prepare.py")
         sys.argv = [script]  # each script's defaults: every tokenizer it supports

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import parallel  # noqa: E402
+from infra import parallel  # noqa: E402
 from model import GPT, init_weights, preset  # noqa: E402
 from router import MoE, RouterConfig  # noqa: E402
 
@@ -24,7 +24,7 @@ def moe_pair(world):
     """The same layer twice: one split over the ranks (EP), one whole (the reference). Every input row is
     positive and expert 3's router row negative, so expert 3 gets no token; the rest are loaded unevenly."""
     torch.manual_seed(0)
-    whole = MoE(D, E, H, n_shared=1, config=RouterConfig(top_p=0.6, n_expert_groups=world))
+    whole = MoE(D, E, H, n_shared=1, config=RouterConfig(top_p=0.6))
     init_weights(whole, n_layer=2)
     with torch.no_grad():
         whole.router.weight[3] = -whole.router.weight[3].abs() - 1
@@ -32,7 +32,7 @@ def moe_pair(world):
     split.load_state_dict(whole.state_dict())
     model = torch.nn.Module()
     model.moe_layers = lambda: [split]
-    parallel.shard_experts(model, init_device_mesh("cpu", (1, world), mesh_dim_names=("edp", "ep")))
+    parallel.shard_experts(model, init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")))
     return whole, split
 
 
@@ -51,13 +51,13 @@ def check_expert_parallel(rank, world):
     assert counts[3] == 0 and counts.max() >= 2 * counts[counts > 0].min(), counts  # one idle, uneven load
     n = E // world
     for name in ("w1", "w3", "w2"):  # the experts here: their gradient sums every rank's loss already
-        local = getattr(split, name).grad.to_local()
+        local = getattr(split.experts, name).grad.to_local()
         assert local.shape[0] == n
-        assert torch.allclose(local, getattr(whole, name).grad[rank * n:(rank + 1) * n], atol=1e-5)
+        assert torch.allclose(local, getattr(whole.experts, name).grad[rank * n:(rank + 1) * n], atol=1e-5)
     if rank == 3 // n:
-        assert getattr(split, "w1").grad.to_local()[3 % n].abs().max() == 0  # the idle expert: exactly zero
+        assert split.experts.w1.grad.to_local()[3 % n].abs().max() == 0  # the idle expert: exactly zero
     for name, p in split.named_parameters():  # the replicated rest: the ranks' gradients add up to the whole's
-        if name not in ("w1", "w3", "w2"):
+        if not name.startswith("experts."):
             dist.all_reduce(p.grad)
             assert torch.allclose(p.grad, dict(whole.named_parameters())[name].grad, atol=1e-5), name
 
@@ -72,7 +72,7 @@ def check_sharded_build(rank, world):
     local elements are about 1/world of everything but the experts and 1/ep of those."""
     torch.manual_seed(0)
     whole = GPT(preset("tiny_8x64", vocab_size=64), verbose=False)
-    experts = sum(w.numel() for m in whole.moe_layers() for w in (m.w1, m.w3, m.w2))
+    experts = sum(w.numel() for m in whole.moe_layers() for w in m.experts.parameters())
     rest = whole.num_params() - experts
     torch.manual_seed(0)
     model = parallel.build(whole.config, "fsdp", world, "cpu", bf16=False, verbose=False)

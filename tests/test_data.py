@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.corpus import (BYTE_EOT, MixtureLoader, Tokenizer, gpt2_encoding, mixture_tokenizer, prepared_dir, read_meta,
+from data.corpus import (BYTE_EOT, DATA_DIR, MixtureLoader, Tokenizer, gpt2_encoding, mixture_tokenizer, read_meta,
                          write_corpus)
-from evaluation import arith_accuracy, bits_per_byte, read_problems, scoring_split
+from infra.evaluation import arith_accuracy, bits_per_byte, read_problems, scoring_split
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_ranks_differ_and_state_restores(corpora):
 
 def documents(tokenizer, split):
     """The documents of the prepared arith corpus, as training reads them: token lists cut at end-of-text."""
-    data = np.fromfile(os.path.join(prepared_dir("arith", tokenizer), f"{split}.bin"), dtype=np.uint16).tolist()
+    data = np.fromfile(os.path.join(DATA_DIR, "arith", tokenizer, f"{split}.bin"), dtype=np.uint16).tolist()
     eot = Tokenizer(tokenizer).eot
     docs, start = [], 0
     for i, t in enumerate(data):
@@ -271,10 +271,11 @@ def test_a_damaged_meta_or_foreign_token_ids_are_named(corpora, tmp_path, monkey
 
 
 def test_missing_or_damaged_arith_problems_are_named(tmp_path, monkeypatch):
-    import evaluation
-    monkeypatch.setattr(evaluation, "corpus_dir", lambda name: str(tmp_path))
+    from infra import evaluation
+    monkeypatch.setattr(evaluation, "DATA_DIR", str(tmp_path))
     with pytest.raises(SystemExit, match=r"cannot read the arith val problems .*No such file.*arith_per_level=0"):
         evaluation.read_problems(2)
-    (tmp_path / "val_problems.jsonl").write_text('{"prompt": "1+1=", "answer": "2", "difficulty": 1}\n[1]\n')
+    (tmp_path / "arith").mkdir()
+    (tmp_path / "arith" / "val_problems.jsonl").write_text('{"prompt": "1+1=", "answer": "2", "difficulty": 1}\n[1]\n')
     with pytest.raises(SystemExit, match=r"a line is not a problem"):
         evaluation.read_problems(2)

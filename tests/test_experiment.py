@@ -1,4 +1,4 @@
-"""The statistics behind experiment.py's verdicts, against values worked out by hand. (The experiments
+"""The statistics behind tools/experiment.py's verdicts, against values worked out by hand. (The experiments
 themselves take minutes each and do not run here.)"""
 
 import itertools
@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-import evaluation
-import experiment
+from infra import evaluation
+from tools import experiment
 from data.corpus import Tokenizer
 from model import kv_cache_bytes, preset
 
@@ -105,7 +105,7 @@ def test_scale_shortens_every_stage_and_its_warmup(corpora):
 
 
 def test_an_empty_out_dir_is_refused():
-    result = subprocess.run([sys.executable, "experiment.py", "routing", "--out_dir="], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "tools.experiment", "routing", "--out_dir="], capture_output=True, text=True,
                             cwd=ROOT)
     assert result.returncode == 1 and "out_dir must name a folder" in result.stderr, result.stderr[-2000:]
 
@@ -116,11 +116,11 @@ def test_an_empty_out_dir_is_refused():
     (["routing", "--seeds=[1, -2]"], "whole numbers in [0, 2**32)"),
     (["routing", "--scale=0"], "scale must be > 0"),
     (["hybird"], "unknown experiment 'hybird'"),
-    ([], "usage: python experiment.py"),
+    ([], "usage: python -m tools.experiment"),
 ])
 def test_bad_experiment_arguments_exit_with_a_message_and_train_nothing(tmp_path, args, message):
     out_dir = tmp_path / "never"
-    result = subprocess.run([sys.executable, "experiment.py", *args, f"--out_dir={out_dir}"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "tools.experiment", *args, f"--out_dir={out_dir}"], capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not out_dir.exists()

@@ -1,4 +1,4 @@
-"""gpu_check.py's dry run: every part runs at a tiny size on the CPU (or says it needs CUDA), so the GPU check
+"""tools/gpu_check.py's dry run: every part runs at a tiny size on the CPU (or says it needs CUDA), so the GPU check
 cannot rot between the rare times a GPU is lent; and a part that fails is reported while the rest run on."""
 
 import sys
@@ -12,7 +12,7 @@ PARTS = ("tests", "train", "attention", "experts", "decode", "serving", "torchru
 
 
 def test_the_dry_run_runs_every_part(corpora):
-    result = run([sys.executable, "gpu_check.py", "--dry=True", "--steps=4", "--repeats=1"])
+    result = run([sys.executable, "-m", "tools.gpu_check", "--dry=True", "--steps=4", "--repeats=1"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     rows = {line.split(" | ")[0].strip("| "): line for line in result.stdout.splitlines() if line.startswith("| ")}
     assert set(PARTS) <= set(rows), result.stdout
@@ -24,7 +24,7 @@ def test_the_dry_run_runs_every_part(corpora):
 
 
 def test_a_failing_part_is_reported_and_the_others_still_run():
-    import gpu_check
+    from tools import gpu_check
 
     def broken():
         raise RuntimeError("out of memory\nsecond line")
@@ -35,6 +35,6 @@ def test_a_failing_part_is_reported_and_the_others_still_run():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_without_a_gpu_the_full_check_says_so():
-    result = run([sys.executable, "gpu_check.py"])
+    result = run([sys.executable, "-m", "tools.gpu_check"])
     assert result.returncode == 1 and "no CUDA GPU here: run with --dry=True" in result.stderr
     assert "Traceback" not in result.stderr

@@ -5,9 +5,9 @@ import re
 import numpy as np
 import torch
 
-from data.corpus import BYTE_EOT, Tokenizer, prepared_dir
+from data.corpus import BYTE_EOT, DATA_DIR, Tokenizer
 from data.recall.prepare import N_KEYS, N_VALUES, document, parse
-from evaluation import bucket_names, read_recall, recall_accuracy, recall_edges, recall_summary
+from infra.evaluation import bucket_names, read_recall, recall_accuracy, recall_edges, recall_summary
 from model import preset
 
 FILLER = ("Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 20)[:512]
@@ -39,11 +39,11 @@ def test_gaps_span_below_and_beyond_a_window():
 
 def test_the_prepared_corpus_val_docs_are_val_bin_and_share_nothing_with_train(corpora):
     docs = read_recall()
-    val = np.fromfile(os.path.join(prepared_dir("recall", "byte"), "val.bin"), dtype=np.uint16)
+    val = np.fromfile(os.path.join(DATA_DIR, "recall", "byte", "val.bin"), dtype=np.uint16)
     assert val.tolist() == [b for d in docs for b in list(d["text"].encode("utf-8")) + [BYTE_EOT]]
     for d in docs[:50]:
         assert parse(d["text"].encode("utf-8"))[1] == d["queries"]
-    train = np.fromfile(os.path.join(prepared_dir("recall", "byte"), "train.bin"), dtype=np.uint16)
+    train = np.fromfile(os.path.join(DATA_DIR, "recall", "byte", "train.bin"), dtype=np.uint16)
     cuts = np.flatnonzero(train == BYTE_EOT)
     train_docs = {bytes(train[a + 1:b].astype(np.uint8)) for a, b in zip(np.r_[-1, cuts[:-1]], cuts)}
     assert len(train_docs) > 1000 and not train_docs & {d["text"].encode("utf-8") for d in docs}

@@ -1,4 +1,4 @@
-# Experiment "hybrid" (python experiment.py hybrid): does 3 local : 1 global attention with shared K/V recall as
+# Experiment "hybrid" (python -m tools.experiment hybrid): does 3 local : 1 global attention with shared K/V recall as
 # far as all-global attention, while all-local attention fails past its reach, and what does it cost in quality?
 # This file is what the arms share; the arm file that follows it on the command line sets the attention:
 #   python train.py config/experiments/hybrid.py config/experiments/hybrid_all_global.py

@@ -1,4 +1,4 @@
-# Experiment "long_context" (python experiment.py long_context): train at 32 bytes, then extend to 128. This file
+# Experiment "long_context" (python -m tools.experiment long_context): train at 32 bytes, then extend to 128. This file
 # is what the arms share (the model, and the stages at 32); the arm file that follows it sets the last stage:
 #   python train.py config/experiments/long_context.py config/experiments/long_context_raised_base.py
 # Every layer global, so that every layer meets the new distances; dense MLPs. The recall corpus asks for values

@@ -1,4 +1,4 @@
-# Experiment "routing" (python experiment.py routing): dense MLP vs top-2 vs three top-p routers (held at 1.9
+# Experiment "routing" (python -m tools.experiment routing): dense MLP vs top-2 vs three top-p routers (held at 1.9
 # experts per token with the balance loss or with the loss-free bias, and at a fixed p) at the same total
 # parameters, 3 seeds each. This file is what the arms share; the arm file that follows it sets the feed-forward layers:
 #   python train.py config/experiments/routing.py config/experiments/routing_top_p.py

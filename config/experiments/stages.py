@@ -1,4 +1,4 @@
-# Experiment "stages" (python experiment.py stages): three stages vs one stage with the same tokens and peak
+# Experiment "stages" (python -m tools.experiment stages): three stages vs one stage with the same tokens and peak
 # lr. The three-stage arm is the quickstart run itself (config/default.py); this file is the one-stage arm:
 #   python train.py config/default.py config/experiments/stages.py
 # Its mixture is the token-weighted average of the three stages' mixtures (800, 1100 and 600 steps of 1024

@@ -21,8 +21,8 @@ import zlib
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import cli  # noqa: E402
-from data.corpus import PrepareConfig, Tokenizer, corpus_dir, tokenizer_names, write_corpus  # noqa: E402
+from infra import cli  # noqa: E402
+from data.corpus import DATA_DIR, PrepareConfig, Tokenizer, tokenizer_names, write_corpus  # noqa: E402
 
 LEVELS = {1: ("+-", 0.10), 2: ("+-", 0.55), 3: ("+-", 0.15), 4: ("+-", 0.05), 5: ("*", 0.15)}
 
@@ -83,7 +83,7 @@ def main(argv):
     for name in tokenizer_names(choice, ("byte", "gpt2"), "arith"):
         write_corpus("arith", Tokenizer(name), train, [p["prompt"] + p["answer"] for p in val],
                      {"n_train": cfg.n_train, "n_val": cfg.n_val, "seed": cfg.seed})
-    with open(os.path.join(corpus_dir("arith"), "val_problems.jsonl"), "w") as f:
+    with open(os.path.join(DATA_DIR, "arith", "val_problems.jsonl"), "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in val)
 
 

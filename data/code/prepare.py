@@ -9,7 +9,7 @@ import sysconfig
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import cli  # noqa: E402
+from infra import cli  # noqa: E402
 from data.corpus import PrepareConfig, Tokenizer, tokenizer_names, write_corpus  # noqa: E402
 
 

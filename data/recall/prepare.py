@@ -15,7 +15,7 @@ key's last byte (where the value is predicted): a local layer with window w sees
 are drawn log-uniformly from 2 to the document's length, so they span well below and well beyond a window.
 
 val documents are cut from Shakespeare's val split (train's from its train split) and listed with their queries,
-each with its gap, in data/recall/val_docs.jsonl: what evaluation.py scores, bucketed by gap.
+each with its gap, in data/recall/val_docs.jsonl: what infra/evaluation.py scores, bucketed by gap.
 Run: python data/recall/prepare.py [--n_train=20000] [--n_val=400] [--doc_len=128] [--n_pairs=16] [--seed=1234]"""
 import json
 import math
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import cli  # noqa: E402
-from cli import need  # noqa: E402
-from data.corpus import PrepareConfig, Tokenizer, corpus_dir, tokenizer_names, write_corpus  # noqa: E402
+from infra import cli  # noqa: E402
+from infra.cli import need  # noqa: E402
+from data.corpus import DATA_DIR, PrepareConfig, Tokenizer, tokenizer_names, write_corpus  # noqa: E402
 
 N_KEYS, N_VALUES = 16, 4
 PAIR, KEY = 0x100, 0x391          # code points of key 0's pairs, and of key 0's query
@@ -103,7 +103,7 @@ def documents(rng, text, n_docs, cfg):
 def main(argv):
     cfg, prepare = cli.load(argv, RecallConfig, PrepareConfig)
     names = tokenizer_names(prepare.tokenizer, ("byte",), "recall")  # (gaps are in bytes)
-    with open(os.path.join(corpus_dir("shakespeare"), "input.txt"), encoding="utf-8") as f:
+    with open(os.path.join(DATA_DIR, "shakespeare", "input.txt"), encoding="utf-8") as f:
         text = f.read()
     n = int(0.9 * len(text))  # Shakespeare's own train/val split: val filler is text train never saw
     rng = np.random.default_rng(cfg.seed)
@@ -112,7 +112,7 @@ def main(argv):
     for name in names:
         write_corpus("recall", Tokenizer(name), [t for t, _ in train], [t for t, _ in val],
                      {**vars(cfg), "n_keys": N_KEYS, "n_values": N_VALUES})
-    path = os.path.join(corpus_dir("recall"), "val_docs.jsonl")
+    path = os.path.join(DATA_DIR, "recall", "val_docs.jsonl")
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps({"text": t, "queries": q}) + "\n" for t, q in val)
     os.replace(path + ".tmp", path)

@@ -5,11 +5,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import cli  # noqa: E402
-from data.corpus import PrepareConfig, Tokenizer, corpus_dir, tokenizer_names, write_corpus  # noqa: E402
+from infra import cli  # noqa: E402
+from data.corpus import DATA_DIR, PrepareConfig, Tokenizer, tokenizer_names, write_corpus  # noqa: E402
 
 choice = cli.load(sys.argv[1:], PrepareConfig)[0].tokenizer
-with open(os.path.join(corpus_dir("shakespeare"), "input.txt"), encoding="utf-8") as f:
+with open(os.path.join(DATA_DIR, "shakespeare", "input.txt"), encoding="utf-8") as f:
     text = f.read()
 n = int(0.9 * len(text))
 for name in tokenizer_names(choice, ("byte", "gpt2", "char"), "shakespeare"):

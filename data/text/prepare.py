@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import cli  # noqa: E402
-from data.corpus import PrepareConfig, Tokenizer, corpus_dir, tokenizer_names, write_corpus  # noqa: E402
+from infra import cli  # noqa: E402
+from data.corpus import DATA_DIR, PrepareConfig, Tokenizer, tokenizer_names, write_corpus  # noqa: E402
 
 
 @dataclass
@@ -67,7 +67,7 @@ def main(argv):
     name = cfg.name
     if not name or not name.replace("_", "").isalnum():
         sys.exit("give the corpus a name of letters, digits and _: --name=mydata")
-    if os.path.isfile(os.path.join(corpus_dir(name), "prepare.py")) and not cfg.overwrite:
+    if os.path.isfile(os.path.join(DATA_DIR, name, "prepare.py")) and not cfg.overwrite:
         sys.exit(f"{name!r} is a corpus this repository prepares with data/{name}/prepare.py: choose another "
                  f"--name (or pass --overwrite to replace it)")
     if cfg.val_every < 2:

@@ -1,8 +1,8 @@
 """
 What hybrid attention buys at serving time, measured: engine.py's continuous batch at a fixed KV budget.
 
-    python bench_serving.py                          # the CPU tables of docs/serving.md (a few minutes)
-    python bench_serving.py --device=cuda --budget_mib=4096 --n_embd=512
+    python -m tools.bench_serving                          # the CPU tables of docs/serving.md (a few minutes)
+    python -m tools.bench_serving --device=cuda --budget_mib=4096 --n_embd=512
 
 Three models of one shape and one active size, random weights (speed does not depend on what they learned):
 a hybrid MoE (LLLG with paired K/V, as Yi-Lightning), the same MoE with every layer global, and the hybrid
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-import cli
-from cli import need
+from infra import cli
+from infra.cli import need
 from engine import Engine, Request
 from model import GPT, kv_cache_bytes, make_config, preset
 
@@ -80,17 +80,13 @@ def serve(model, budget, context, n, new_tokens):
                 for _ in range(n)]
     results = list(engine.serve(requests))
     stats = engine.stats
-    return engine.slots, stats["decode_tokens"] / stats["decode_s"], sum(r.first_token_s for r in results) / n
+    return engine.n_rows, stats["decode_tokens"] / stats["decode_s"], sum(r.first_token_s for r in results) / n
 
 
 def table(rows, header):
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def fits(model, budget, context, dtype):
-    return int(budget // kv_cache_bytes(model.config, context, dtype))
 
 
 def sweep(cfg, device, nets, budget, points):
@@ -100,13 +96,14 @@ def sweep(cfg, device, nets, budget, points):
     for context, n in tqdm(points, leave=False):
         cells, speed = [context, n], {}
         for name, model in nets.items():
-            if fits(model, budget, context, dtype) < 1:
+            fit = int(budget // kv_cache_bytes(model.config, context, dtype))  # (sequences the budget holds)
+            if fit < 1:
                 cells += ["0 fit", "-", "-"]
                 continue
             runs = [serve(model, budget, context, n, cfg.new_tokens) for _ in range(cfg.repeats)]
             slots, tok_s, ttft = (sorted(r[i] for r in runs)[len(runs) // 2] for i in range(3))  # (medians)
             speed[name] = tok_s
-            cells += [f"{slots}/{fits(model, budget, context, dtype)}", f"{tok_s:,.0f}", f"{ttft:.2f}"]
+            cells += [f"{slots}/{fit}", f"{tok_s:,.0f}", f"{ttft:.2f}"]
         ratio = speed.get("hybrid MoE", 0) / speed["all-global MoE"] if "all-global MoE" in speed else None
         cells.append(f"{ratio:.2f}x" if ratio else "(all-global: none fit)")
         rows.append(cells)

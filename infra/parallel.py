@@ -15,7 +15,7 @@ train.py calls: check_layout (settings), build (under FSDP or EP the model built
 rank's part made: no rank holds the whole model), reduce_expert_grads (after backward) and clip_grad_norm_ (for any
 mix of whole and split tensors), and the rank plumbing at the end of this file: join and leave the ranks, wrap the
 model for DDP, reduce a step's numbers over the ranks. memory_per_rank is the arithmetic behind docs/parallel.md's
-memory table (bench.py).
+memory table (tools/bench.py).
 """
 
 import atexit
@@ -35,9 +35,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import cli
+from infra import cli
 from model import GPT, weight_inits
-from router import compute_dtype
+from router import Experts, compute_dtype, expert_mlps, use_grouped_mm
 
 PARALLEL = ("ddp", "fsdp")
 
@@ -65,60 +65,64 @@ def sharded(parallel, ep):
 # -----------------------------------------------------------------------------------------------------
 # Expert parallelism: the dispatch and combine of one MoE layer (MoE.ep), and the split of its weights
 
-class ExpertParallel:
-    """MoE.ep for a layer whose routed experts are split evenly over the ranks of `group`: rank r holds experts
-    [r * E/ep, (r + 1) * E/ep). Called with this rank's rows sorted by expert; returns their outputs, times the
-    gate, in the same order. Dropless: every row is computed, however unevenly the experts are loaded."""
+class ExpertParallel(Experts):
+    """A MoE layer's experts split evenly over the ranks of the mesh's "shard" dimension: rank r holds experts
+    [r * E/ep, (r + 1) * E/ep), as DTensors (split over "shard", the same on every rank of "replicate", so a
+    sharded checkpoint knows the whole). Called, as router.Experts is, with this rank's rows sorted by expert;
+    each row travels to the rank holding its expert and its output comes back, in the same order. Dropless:
+    every row is computed, however unevenly the experts are loaded."""
 
-    def __init__(self, group):
-        self.group, self.size = group, dist.get_world_size(group)
+    def __init__(self, experts, mesh):
+        nn.Module.__init__(self)
+        rank, self.size = mesh["shard"].get_local_rank(), mesh["shard"].size()
+        self.group = mesh["shard"].get_group()
+        n = experts.w1.shape[0] // self.size
+        for name in ("w1", "w3", "w2"):
+            local = getattr(experts, name).detach()[rank * n:(rank + 1) * n].clone()
+            setattr(self, name, nn.Parameter(DTensor.from_local(local, mesh, [Replicate(), Shard(0)],
+                                                                run_check=False)))
 
-    def __call__(self, moe, xs, counts, gate):
+    def forward(self, xs, counts):
         per_rank = counts.numel() // self.size
         sent = counts.view(self.size, per_rank)  # sent[r, j]: rows for rank r's j-th expert
         got = torch.empty_like(sent)              # got[r, j]: rows rank r sends for my j-th expert
         dist.all_to_all_single(got, sent, group=self.group)
         send_sizes, recv_sizes = sent.sum(1).tolist(), got.sum(1).tolist()
-        xs = xs.to(compute_dtype(xs))  # (the experts' dtype: under bf16 autocast, half the bytes on the wire)
+        dtype = compute_dtype(xs)
+        xs = xs.to(dtype)  # (under bf16 autocast, half the bytes on the wire)
         recv = all_to_all_single_autograd(xs, recv_sizes, send_sizes, self.group)
         # The rows arrive grouped by sender, each sender's sorted by expert; the experts want them by expert.
         expert = torch.arange(per_rank, device=xs.device).repeat(self.size).repeat_interleave(got.flatten())
         order = expert.argsort(stable=True)
-        ys = moe.experts(recv.index_select(0, order), got.sum(0))
+        w1, w3, w2 = (w.to_local().to(dtype) for w in (self.w1, self.w3, self.w2))
+        ys = expert_mlps(recv.index_select(0, order), got.sum(0), w1, w3, w2, use_grouped_mm(xs, w1))
         ys = ys.index_select(0, order.argsort())  # back to arrival order
-        back = all_to_all_single_autograd(ys, send_sizes, recv_sizes, self.group)
-        return back * gate.to(back.dtype)
+        return all_to_all_single_autograd(ys, send_sizes, recv_sizes, self.group)
 
 
 def shard_experts(model, mesh):
-    """Replace every MoE layer's expert weights by this rank's slice, as DTensors on the (edp, ep) mesh:
-    split over ep, replicated over edp (so a sharded checkpoint knows the whole), and install the dispatch."""
-    ep_rank, ep = mesh["ep"].get_local_rank(), mesh["ep"].size()
+    """Replace every MoE layer's experts by this rank's slice of them, on the ("replicate", "shard") mesh."""
     for moe in model.moe_layers():
-        n = moe.n_experts // ep
-        for name in ("w1", "w3", "w2"):
-            local = getattr(moe, name).detach()[ep_rank * n:(ep_rank + 1) * n].clone()
-            setattr(moe, name, nn.Parameter(DTensor.from_local(local, mesh, [Replicate(), Shard(0)],
-                                                               run_check=False)))
-        moe.ep = ExpertParallel(mesh["ep"].get_group())
+        moe.experts = ExpertParallel(moe.experts, mesh)
 
 
 def expert_params(model):
-    """The split expert weights (none without EP)."""
-    return [w for moe in model.moe_layers() if moe.ep is not None for w in (moe.w1, moe.w3, moe.w2)]
+    """The split expert weights (none without expert parallelism)."""
+    return [w for moe in model.moe_layers() if isinstance(moe.experts, ExpertParallel) for w in
+            moe.experts.parameters()]
 
 
 def reduce_expert_grads(model, world_size):
     """After backward, make the split experts' gradients the mean over the world, as DDP and FSDP make the rest.
     An expert's local gradient already sums the losses of every rank of its EP group (their rows came to it);
-    the ranks of its edp column, which hold the same experts, add theirs; then divide by the world size."""
+    the ranks of its "replicate" column, which hold the same experts, add theirs; then divide by the world size."""
     for w in expert_params(model):
         if w.grad is None:
             continue
         g = w.grad.to_local()
         mesh = w.grad.device_mesh
-        if mesh["edp"].size() > 1:
-            dist.all_reduce(g, group=mesh["edp"].get_group())
+        if mesh["replicate"].size() > 1:
+            dist.all_reduce(g, group=mesh["replicate"].get_group())
         g.div_(world_size)
 
 
@@ -130,7 +134,7 @@ def spread(model, parallel, ep, device_type, bf16):
     split experts to EP. On CUDA with bf16, FSDP gathers weights in bf16 and reduces gradients in fp32."""
     world = dist.get_world_size()
     if ep > 1:
-        shard_experts(model, init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("edp", "ep")))
+        shard_experts(model, init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("replicate", "shard")))
     if parallel != "fsdp":
         return
     mesh = init_device_mesh(device_type, (world,))
@@ -166,12 +170,11 @@ def build(config, parallel, ep, device, bf16, verbose=True):
         return allocated(lambda: GPT(config, verbose=False).to(device), device)
     spread(model, parallel, ep, torch.device(device).type, bf16)
     allocated(lambda: model.to_empty(device=device), device)
-    model.tie_weights()  # (to_empty makes each module's weight anew, which unties a weight two modules share)
-    for buffer in model.buffers():  # (the experts' balancing biases, all of the model's buffers: they start at 0)
-        buffer.zero_()
+    model.tie_weights()
     with torch.no_grad():
         for w, std in weight_inits(model, config.n_layer, config.init_std):
-            whole = torch.ones(w.shape) if std is None else torch.empty(w.shape).normal_(0, std)
+            whole = torch.ones(w.shape) if std is None else torch.empty(w.shape).normal_(0, std) if std else \
+                torch.zeros(w.shape)
             if isinstance(w, DTensor):
                 whole = distribute_tensor(whole, w.device_mesh, w.placements, src_data_rank=None)
             w.copy_(whole)
@@ -297,7 +300,7 @@ def all_finite(model, ranks, device, sharded):
 
 class StopSignal:
     """SIGINT and SIGTERM, noted rather than obeyed at once: the run stops after the step in flight, on every rank
-    at the same step (whichever rank got the signal), with a checkpoint saved first."""
+    at the same step (any_rank(signal is not None): whichever rank got it), with a checkpoint saved first."""
 
     def __init__(self):
         self.signal = None
@@ -306,9 +309,6 @@ class StopSignal:
 
     def note(self, signum, frame):
         self.signal = signum
-
-    def requested(self, ranks, device):
-        return any_rank(self.signal is not None, ranks, device)
 
     @property
     def number(self):
@@ -347,7 +347,7 @@ def exit_rank(code):
 def memory_per_rank(n_params, n_expert_params, world, parallel, ep=1):
     """Bytes one rank holds as (parameters, gradients, AdamW state), all fp32 (bf16 training keeps fp32 master
     weights; FSDP's bf16 copies live only while a block runs). DDP: everything on every rank. FSDP: 1/world of
-    it. EP: 1/ep of the routed experts (the ranks of an edp column hold the same ones), everything else as the
+    it. EP: 1/ep of the routed experts (the ranks of a "replicate" column hold the same ones), everything else as the
     data-parallel layout has it. Activations and the transient gathers are not counted."""
     rest, experts = n_params - n_expert_params, n_expert_params
     if parallel == "fsdp":

@@ -2,7 +2,7 @@
 This project against nanoGPT on nanoGPT's own CPU recipe, side by side on one machine, in one command:
 
     git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT && git -C /tmp/nanoGPT checkout 3adf61e
-    python bench_nanogpt.py --nanogpt=/tmp/nanoGPT
+    python -m tools.bench_nanogpt --nanogpt=/tmp/nanoGPT
 
 nanoGPT trains its shakespeare_char recipe for CPUs (4 layers, 4 heads, 128 wide, block 64, batch 12, 2,000
 steps, eager fp32: the command in its README), then this project trains config/shakespeare_char.py (the same
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import cli
-from cli import need
-from checkpoint import load_run
+from infra import cli
+from infra.cli import need
+from infra.checkpoint import load_run
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
           "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
           "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]  # nanoGPT's README, "I only have a macbook"
@@ -84,7 +84,7 @@ def write_nanogpt_data(folder):
         pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}, f)
 
 
-def timed(args, cwd, log):
+def run_timed(args, cwd, log):
     """Run args in cwd with output to log; wall seconds, or SystemExit naming the log if it failed."""
     start = time.time()
     with open(log, "w") as f:
@@ -145,10 +145,10 @@ def main(argv):
     write_nanogpt_data(os.path.join(work, "data", "shakespeare_char"))
     print(f"nanoGPT from {cfg.nanogpt} (git blobs: train.py {blobs['train.py'][:10]}, model.py "
           f"{blobs['model.py'][:10]}), torch {torch.__version__}, {os.cpu_count()} CPUs; logs in {work}")
-    t_nano = timed([sys.executable, "train.py", *RECIPE, f"--out_dir={work}/out"], work, f"{work}/nanogpt.log")
+    t_nano = run_timed([sys.executable, "train.py", *RECIPE, f"--out_dir={work}/out"], work, f"{work}/nanogpt.log")
     val_nano, step_nano = nanogpt_numbers(f"{work}/nanogpt.log")
     ours_dir = os.path.join(work, "ours")
-    t_ours = timed([sys.executable, "train.py", "config/shakespeare_char.py", f"--out_dir={ours_dir}",
+    t_ours = run_timed([sys.executable, "train.py", "config/shakespeare_char.py", f"--out_dir={ours_dir}",
                     "--samples=False", "--plots=False"], ROOT, f"{work}/ours.log")
     val_ours, step_ours, reached = our_numbers(ours_dir, val_nano)
 

@@ -2,8 +2,8 @@
 Benchmarks: every figure is a ratio of two things measured side by side in the same run (these machines are
 noisy), printed as a table.
 
-    python bench.py                         # on the CPU
-    python bench.py --device=cuda --json=bench.json
+    python -m tools.bench                         # on the CPU
+    python -m tools.bench --device=cuda --json=bench.json
 
 1. training tokens/s (and MFU on known GPUs) of a preset
 2. attention: one local layer vs one global layer, forward + backward, as T grows
@@ -28,12 +28,13 @@ from typing import Optional
 
 import torch
 
-import cli
-from cli import need
+from infra import cli
+from infra.cli import need
 from attention import GLOBAL, LOCAL, causal_attention, local_blocks, rope_cache, sliding_window_block_mask
-from evaluation import flops_per_token, mfu, peak_flops
-from model import GPT, PRESETS, compiled, init_weights, kv_cache_bytes, kv_cache_ratio, preset
-from parallel import memory_per_rank
+from infra.evaluation import flops_per_token, mfu, peak_flops
+from model import GPT, PRESETS, compile_model, init_weights, kv_cache_bytes, kv_cache_ratio, preset
+from infra.parallel import memory_per_rank
+import router
 from router import MoE, RouterConfig, SwiGLU
 
 
@@ -82,6 +83,10 @@ def cuda_autocast(dtype):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
+# nanoGPT's CPU shape: nanogpt_4x128, 12 sequences of 64, the 65 characters (padded to 128)
+NANO_STEP = dict(config=preset("nanogpt_4x128", vocab_size=128), batch_size=12, seq_len=64, n_ids=65)
+
+
 def training_step(cfg, config, batch_size, seq_len, dtype, n_ids=None):
     """A model of `config` and one training step of it as train.py takes it (forward, backward, clip, AdamW)
     on a fixed random batch of ids below n_ids (default: the vocabulary). Returns (model, step, experts per
@@ -116,17 +121,13 @@ def bench_training(cfg, dtype):
     return row
 
 
-def nano_training_step(cfg, dtype):
-    """training_step at nanoGPT's CPU shape: nanogpt_4x128, 12 sequences of 64, the 65 characters (padded to 128)."""
-    return training_step(cfg, preset("nanogpt_4x128", vocab_size=128), 12, 64, dtype, n_ids=65)
-
-
 def bench_step_parts(cfg, dtype):
-    """Where nano_training_step's time goes: the attention layers, the dense and the MoE feed-forward layers,
+    """Where a training step at nanoGPT's CPU shape (NANO_STEP) spends its time: the attention layers, the dense
+    and the MoE feed-forward layers,
     each group timed forward + backward on its own input, in turns with the whole step. The rest (embedding,
     norms, residuals, loss, clip, AdamW) is the step minus the three. The router starts near uniform, so an
     untrained MoE layer runs more experts per token (printed) than a trained one (about 1.7)."""
-    model, step, experts = nano_training_step(cfg, dtype)
+    model, step, experts = training_step(cfg, dtype=dtype, **NANO_STEP)
     config = model.config
     h = torch.randn(12, config.block_size, config.n_embd, device=cfg.device, requires_grad=True)
     cos, sin = rope_cache(torch.arange(config.block_size, device=cfg.device), config.n_embd // config.n_head)
@@ -159,10 +160,10 @@ def bench_step_parts(cfg, dtype):
 
 
 def profile_top_ops(cfg, dtype, n=12, steps=10):
-    """torch.profiler over a few of nano_training_step's steps (after a warm-up): the n ops with the most
+    """torch.profiler over a few training steps at nanoGPT's CPU shape (after a warm-up): the n ops with the most
     self time, per step."""
     from torch.profiler import profile
-    _, step, _ = nano_training_step(cfg, dtype)
+    _, step, _ = training_step(cfg, dtype=dtype, **NANO_STEP)
     step()
     with profile() as prof:
         for _ in range(steps):
@@ -216,24 +217,27 @@ def bench_moe(cfg, dtype):
     dense = SwiGLU(n_embd, 2 * hidden).to(cfg.device)  # the same active FLOPs as two experts
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
-    def run(layer, expert_gemm=None):
-        if expert_gemm:
-            layer.expert_gemm = expert_gemm
-        with autocast:
-            out = layer(x)
-        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    def run(layer, path=None):  # path: "grouped" or "loop" for the experts; None: the one the device takes
+        chosen = router.use_grouped_mm
+        if path:
+            router.use_grouped_mm = lambda xs, w1: path == "grouped"
+        try:
+            with autocast:
+                out = layer(x)
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        finally:
+            router.use_grouped_mm = chosen
 
-    # The MoE as the model runs it ("auto") against the dense MLP. Each run is short and the ratio is what
-    # matters, so this pair takes three times the rounds. Then the two expert GEMM paths against each other.
-    t = timed({"moe": lambda: run(moe, "auto"), "dense": lambda: run(dense)}, 3 * cfg.repeats, cfg.device)
+    # The MoE as the model runs it against the dense MLP. Each run is short and the ratio is what matters, so
+    # this pair takes three times the rounds. Then the two expert GEMM paths against each other.
+    t = timed({"moe": lambda: run(moe), "dense": lambda: run(dense)}, 3 * cfg.repeats, cfg.device)
     paths = timed({"grouped": lambda: run(moe, "grouped"), "loop": lambda: run(moe, "loop")}, cfg.repeats, cfg.device)
-    moe.expert_gemm = "auto"
     top_p = MoE(n_embd, n_experts, hidden, n_shared=0, config=RouterConfig(routing="top_p", top_p=0.4)).to(cfg.device)
     init_weights(top_p, n_layer=1)
     routing = top_p(x.detach())[2]
     return {"tokens": tokens, "n_embd": n_embd, "experts": n_experts, "dense_ms": 1000 * t["dense"],
             "moe_ms": 1000 * t["moe"], "moe_vs_dense": t["moe"] / t["dense"],
-            "auto_uses": moe.gemm_path(x),
+            "path_taken": "grouped" if router.use_grouped_mm(x, moe.experts.w1) else "loop",
             "grouped_vs_loop": paths["grouped"] / paths["loop"],
             "top_p_0.4_experts_per_token_at_init": routing.experts_per_token.float().mean().item()}
 
@@ -316,7 +320,7 @@ def compiled_step_graphs(cfg):
     torch.manual_seed(0)
     model = GPT(preset(cfg.preset), verbose=False).to(cfg.device)
     counter = CompileCounterWithBackend("aot_eager")
-    forward, rows = compiled(model, backend=counter), []
+    forward, rows = compile_model(model, backend=counter), []
     for T in (cfg.seq_len // 2, cfg.seq_len):
         x = torch.randint(0, model.config.vocab_size, (2, T), device=cfg.device)
         _, loss, _ = forward(x, x.roll(-1, 1), parts=True)

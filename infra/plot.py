@@ -7,7 +7,7 @@ Plots of a training run, from its out_dir/metrics.jsonl, into out_dir/plots/:
     experts.png  routed experts per token, per MoE layer, over training
     load.png     share of tokens per expert, per MoE layer (the load balance), over the last tenth of training
 
-Run: python plot.py out/<run>   (train.py calls it at the end of a run)
+Run: python -m infra.plot out/<run>   (train.py calls it at the end of a run)
 """
 
 import json
@@ -56,18 +56,18 @@ def plot_run(out_dir):
     folder = os.path.join(out_dir, "plots")
     os.makedirs(folder, exist_ok=True)
     boundaries = stage_starts(train)
-    save(plot_loss(train, evals, boundaries), folder, "loss.png")
+    save_figure(plot_loss(train, evals, boundaries), folder, "loss.png")
     if any("arith_accuracy" in r for r in evals):
-        save(plot_arith([r for r in evals if "arith_accuracy" in r], boundaries), folder, "arith.png")
+        save_figure(plot_arith([r for r in evals if "arith_accuracy" in r], boundaries), folder, "arith.png")
     if any("recall" in r for r in evals):
-        save(plot_recall([r for r in evals if "recall" in r], boundaries), folder, "recall.png")
+        save_figure(plot_recall([r for r in evals if "recall" in r], boundaries), folder, "recall.png")
     if train[-1]["experts_per_token"]:
-        save(plot_experts(train, boundaries), folder, "experts.png")
-        save(plot_load(train), folder, "load.png")
+        save_figure(plot_experts(train, boundaries), folder, "experts.png")
+        save_figure(plot_load(train), folder, "load.png")
     print(f"plots written to {folder}")
 
 
-def save(fig, folder, name):
+def save_figure(fig, folder, name):
     fig.tight_layout()
     fig.savefig(os.path.join(folder, name), dpi=110)
     plt.close(fig)
@@ -148,5 +148,5 @@ def plot_load(train):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python plot.py out/<run>")
+        raise SystemExit("usage: python -m infra.plot out/<run>")
     plot_run(sys.argv[1])

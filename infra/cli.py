@@ -1,5 +1,5 @@
 """
-The one place that turns command-line arguments into typed settings, for train.py, sample.py, bench.py and
+The one place that turns command-line arguments into typed settings, for train.py, sample.py, tools/bench.py and
 the data/*/prepare.py scripts.
 
     python train.py config/default.py --n_layer=6 --lr=3e-4 --compile=False
@@ -101,7 +101,7 @@ def _comments(schema):
     return dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, flags=re.M))
 
 
-def help_text(schemas, nested=(), allow_file=True, groups=None):
+def help_text(schemas, nested=None, allow_file=True, groups=None):
     """Every setting of the schemas, then of each group (named prefix.key), then, listed apart, of the nested
     ones (e.g. a training stage's)."""
     if not schemas:
@@ -110,7 +110,7 @@ def help_text(schemas, nested=(), allow_file=True, groups=None):
     sections = [(s, "", f"{s.__name__} settings ({how})") for s in schemas]
     sections += [(s, p + ".", f"{s.__name__} settings (--{p}.key=value, or {p} = dict(key=value) in a config file)")
                  for p, s in (groups or {}).items()]
-    sections += [(s, "", f"{s.__name__} settings (keys of each entry)") for s in nested]
+    sections += [(s, "", f"{s.__name__} settings (keys of each entry of {name})") for name, s in (nested or {}).items()]
     lines = []
     for schema, prefix, title in sections:
         lines.append(f"\n{title}:")
@@ -124,25 +124,28 @@ def help_text(schemas, nested=(), allow_file=True, groups=None):
     return "\n".join(lines)
 
 
-def parse(argv, *schemas, allow_file=True, nested=(), groups=None):
+def parse(argv, *schemas, allow_file=True, nested=None, groups=None):
     """Settings from [config.py] [--key=value ...] as a dict {field name: checked value}, for the fields of
     the given dataclasses (only the names that were set). `groups` ({prefix: dataclass}) are settings named
     prefix.key (--router.top_p=0.5), or set together in a config file (router = dict(top_p=0.5)), so that a name
-    means one thing on every command line. `nested` dataclasses are only documented: their settings go inside
-    another setting (a stage's inside `stages`), and naming one at the top level says so.
-    --help (or -h) prints every setting and exits."""
-    groups = groups or {}
+    means one thing on every command line. `nested` ({setting: dataclass}) names a setting that is a list of dicts,
+    each holding that dataclass's settings (stages: each a Stage's), checked here too, a group's dict inside them
+    included (a stage's router dict): every name and type of a run is checked in this one place, and the
+    dataclasses check only the ranges. --help (or -h) prints every setting and exits."""
+    groups, nested = groups or {}, nested or {}
     if "--help" in argv or "-h" in argv:
         print(help_text(schemas, nested, allow_file, groups))
         raise SystemExit(0)
     known = {f.name: f.type for schema in schemas for f in dataclasses.fields(schema)
              if not dataclasses.is_dataclass(f.type)}
     known.update({f"{p}.{f.name}": f.type for p, schema in groups.items() for f in dataclasses.fields(schema)})
-    inner = {f.name: schema for schema in nested for f in dataclasses.fields(schema)}
+    inner = {f.name: schema for schema in nested.values() for f in dataclasses.fields(schema)}
 
     def check(key, value, where):
         if key in known:
-            return _check(key, value, known[key])
+            value = _check(key, value, known[key])
+            return [_check_entry(key, i, entry, nested[key], groups) for i, entry in enumerate(value)] \
+                if key in nested else value
         grouped = [f"{p}.{key}" for p in groups if f"{p}.{key}" in known]
         if grouped:
             raise ConfigError(f"unknown setting {key!r} in {where}; did you mean {grouped[0]}? ({key} alone is not "
@@ -172,6 +175,27 @@ def parse(argv, *schemas, allow_file=True, nested=(), groups=None):
             raise ConfigError(f"unexpected argument {arg!r}: settings are --key=value"
                               + (" after an optional config/<run>.py" if allow_file else ""))
     return settings
+
+
+def _check_entry(key, i, entry, schema, groups):
+    """Entry i of a nested setting (stages[i], a dict of a Stage's settings) with its names and types checked, a
+    group's dict inside it too (its router dict)."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{key}[{i}] must be a dict of {schema.__name__} settings; got {entry!r}")
+    where = f"{schema.__name__.lower()} {entry['name']!r}" if isinstance(entry.get("name"), str) else f"{key}[{i}]"
+    types = {f.name: f.type for f in dataclasses.fields(schema)}
+    unknown = sorted(set(entry) - set(types))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(types)}")
+    out = {k: _check(f"{where}: {k}", v, types[k]) for k, v in entry.items()}
+    for prefix, group in groups.items():
+        if isinstance(out.get(prefix), dict):
+            fields = {f.name: f.type for f in dataclasses.fields(group)}
+            bad = sorted(set(out[prefix]) - set(fields))
+            if bad:
+                raise ConfigError(f"{where}: unknown {prefix} setting(s) {bad}; known: {', '.join(fields)}")
+            out[prefix] = {k: _check(f"{where}: {prefix} setting {k}", v, fields[k]) for k, v in out[prefix].items()}
+    return out
 
 
 def _read_file(path, namespace):

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from attention import LOCAL
-from data.corpus import MixtureLoader, corpus_dir
+from data.corpus import DATA_DIR, MixtureLoader
 
 
 # A training step's numbers, kept as tensors until a log line needs them (reading a GPU tensor waits for the GPU)
@@ -128,7 +128,7 @@ def summary(measured):
 
 def read_problems(n_per_level=None):
     """The arith val problems (data/arith/val_problems.jsonl), at most n_per_level of each level."""
-    taken, problems, path = defaultdict(int), [], os.path.join(corpus_dir("arith"), "val_problems.jsonl")
+    taken, problems, path = defaultdict(int), [], os.path.join(DATA_DIR, "arith", "val_problems.jsonl")
     try:
         with open(path) as f:
             for p in map(json.loads, f):
@@ -203,7 +203,7 @@ def summarise(problems, right):
 def read_recall():
     """The recall val documents (data/recall/val_docs.jsonl): {"text", "queries"}, each query {"key", "value",
     "gap", "at"}."""
-    path = os.path.join(corpus_dir("recall"), "val_docs.jsonl")
+    path = os.path.join(DATA_DIR, "recall", "val_docs.jsonl")
     try:
         with open(path, encoding="utf-8") as f:
             docs = [json.loads(line) for line in f]
@@ -349,7 +349,7 @@ def stage_end_accuracy(records, stages):
 
 
 # -----------------------------------------------------------------------------------------------------
-# The statistics of the evidence experiments (experiment.py): pure functions of tensors
+# The statistics of the evidence experiments (tools/experiment.py): pure functions of tensors
 
 def ranks(x):
     """1-based ranks of the values of x (flattened), ties sharing the mean of their ranks."""

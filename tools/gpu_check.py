@@ -1,8 +1,8 @@
 """
 One command that checks the CUDA paths on a GPU and prints their numbers as one table (docs/gpu.md):
 
-    python gpu_check.py                  # on one CUDA GPU
-    python gpu_check.py --dry=True       # on a CPU: each part at a tiny size, the CUDA-only ones skipped
+    python -m tools.gpu_check                  # on one CUDA GPU
+    python -m tools.gpu_check --dry=True       # on a CPU: each part at a tiny size, the CUDA-only ones skipped
 
 The parts, each guarded, so that one that fails is reported and the rest still run:
 
@@ -31,8 +31,8 @@ from types import SimpleNamespace
 
 import torch
 
-import cli
-from cli import need
+from infra import cli
+from infra.cli import need
 
 PRESET_CONFIG = "config/gpt2_trunk_64e.py"
 
@@ -96,7 +96,7 @@ def preset_args(cfg, steps, out_dir):
 def train_once(cfg, compile_, out_dir):
     """(train records, peak GiB) of one in-process run of train.py's Trainer."""
     import train
-    from plot import read_metrics
+    from infra.plot import read_metrics
     train_cfg, model_cfg, tokenizer = train.load_config(preset_args(cfg, cfg.steps, out_dir) +
                                                         [f"--compile={compile_}"])
     if torch.cuda.is_available():
@@ -135,7 +135,7 @@ def check_attention(cfg):
     """FlexAttention (what a local layer runs on CUDA) against one SDPA call with the sliding-window mask; in a
     dry run the CPU's blocked kernel stands in for FlexAttention, which has no CPU backward."""
     from attention import causal_attention
-    from bench import timed
+    from tools.bench import timed
     device = "cpu" if cfg.dry else "cuda"
     dtype = torch.float32 if cfg.dry else torch.bfloat16
     heads, head_dim, window = (2, 32, 64) if cfg.dry else (8, 128, 4096)
@@ -160,15 +160,15 @@ def check_attention(cfg):
 
 
 def check_experts(cfg):
-    from bench import bench_moe
+    from tools.bench import bench_moe
     device = "cpu" if cfg.dry else "cuda"
     moe = bench_moe(SimpleNamespace(device=device, repeats=cfg.repeats), torch.float32 if cfg.dry else torch.bfloat16)
     return (f"grouped GEMM / expert loop time {moe['grouped_vs_loop']:.2f}x ({moe['tokens']} tokens, "
-            f"{moe['experts']} experts, top-2); the model's default path here: {moe['auto_uses']}")
+            f"{moe['experts']} experts, top-2); the model's default path here: {moe['path_taken']}")
 
 
 def check_decode(cfg):
-    from bench import bench_decode_layouts
+    from tools.bench import bench_decode_layouts
     device = "cpu" if cfg.dry else "cuda"
     context = 256 if cfg.dry else 8192
     rows = bench_decode_layouts(SimpleNamespace(device=device, repeats=cfg.repeats), contexts=(context,),
@@ -179,7 +179,7 @@ def check_decode(cfg):
 
 
 def check_serving(cfg):
-    from bench_serving import ServingConfig, models, serve
+    from tools.bench_serving import ServingConfig, models, serve
     from engine import Engine, Request
     from model import kv_cache_bytes
     device = "cpu" if cfg.dry else "cuda"

@@ -1,12 +1,12 @@
 """
 Does the recipe work? Four experiments that measure its claims at laptop scale, one command each.
 
-    python experiment.py hybrid          # all-global vs 3 local : 1 global with shared K/V vs all-local: recall, bpb
-    python experiment.py routing         # dense vs top-2 vs top-p (controlled, bias-balanced, fixed p) experts
-    python experiment.py stages          # three stages vs one stage of the same tokens and peak lr
-    python experiment.py long_context    # 32 -> 128 bytes: RoPE base kept, base raised, or no extension: recall
-    python experiment.py all
-    python experiment.py hybrid --seeds=[1,2,3,4] --scale=0.2   # a fourth seed; a fifth of the steps
+    python -m tools.experiment hybrid          # all-global vs 3 local : 1 global with shared K/V: recall, bpb
+    python -m tools.experiment routing         # dense vs top-2 vs top-p (controlled, bias-balanced, fixed p) experts
+    python -m tools.experiment stages          # three stages vs one stage of the same tokens and peak lr
+    python -m tools.experiment long_context    # 32 -> 128 bytes: RoPE base kept, base raised, or no extension: recall
+    python -m tools.experiment all
+    python -m tools.experiment hybrid --seeds=[1,2,3,4] --scale=0.2   # a fourth seed; a fifth of the steps
 
 Each experiment trains every arm once per seed with train.py. An arm is one or two config files under
 config/ (config/experiments/<experiment>.py holds what the arms share), and the exact command of every run is
@@ -36,13 +36,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-import cli
-from cli import need
-import evaluation
-from attention import GLOBAL, LOCAL, SHARED
+from infra import cli
+from infra.cli import need
+from infra import evaluation
+from attention import GLOBAL, LOCAL, SHARING
 from model import kv_cache_bytes, kv_cache_ratio, preset
-from plot import gap_ticks, read_metrics, save, stage_starts
-from checkpoint import load_run
+from infra.plot import gap_ticks, read_metrics, save_figure, stage_starts
+from infra.checkpoint import load_run
 from data.recall.prepare import N_VALUES
 from sample import show_experts
 
@@ -193,7 +193,7 @@ def error_bars(ax, x, per_seed, **kw):
 def kv_formula(config, context, bytes_per_value=2):
     """KV-cache bytes of one sequence, from the layout alone: K and V of n_kv_head heads per position kept,
     which is every position for a global layer, the last `window` for a local one, none for a sharing one."""
-    kept = {GLOBAL: context, LOCAL: min(config.window, context), SHARED: 0}
+    kept = {GLOBAL: context, LOCAL: min(config.window, context), SHARING: 0}
     return sum(2 * config.n_kv_head * (config.n_embd // config.n_head) * bytes_per_value * kept[kind]
                for kind in config.layout())
 
@@ -250,7 +250,7 @@ def hybrid(cfg, runs, folder):
             "train_tokens_per_s": [median_tok_s(r) for r in dirs],
             "decode": decode_in_fresh_process(dirs[0], cfg.decode_tokens)}
     plot_kv(kv, configs, contexts, folder)
-    plot_recall({arm: r["recall_by_gap"] for arm, r in results["arms"].items()}, configs["hybrid"], folder)
+    plot_recall_by_gap({arm: r["recall_by_gap"] for arm, r in results["arms"].items()}, configs["hybrid"], folder)
     return results, hybrid_tables(cfg, results, configs["hybrid"]), hybrid_verdicts(cfg, results, configs["hybrid"])
 
 
@@ -306,7 +306,7 @@ def recall_curves(ax, by_gap):
     ax.legend(fontsize=8)
 
 
-def plot_recall(by_gap, config, folder):
+def plot_recall_by_gap(by_gap, config, folder):
     """Recall against gap per arm, the window and the local layers' reach marked."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     recall_curves(ax, by_gap)
@@ -314,7 +314,7 @@ def plot_recall(by_gap, config, folder):
         ax.axvline(x, color="k", ls="--", lw=0.8)
         ax.text(x * 1.05, 0.03, what, fontsize=8)
     ax.set_title("Recall of a planted value by how far back it is (dotted: chance)")
-    save(fig, folder, "recall_by_gap.png")
+    save_figure(fig, folder, "recall_by_gap.png")
 
 
 def mib(n):
@@ -339,7 +339,7 @@ def plot_kv(kv, configs, contexts, folder):
            title="KV cache vs context: the trained shapes (blue) and a Yi-Lightning-like shape (red)")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
-    save(fig, folder, "kv_cache.png")
+    save_figure(fig, folder, "kv_cache.png")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -522,7 +522,7 @@ def plot_difficulty(arms, folder):
     axes[3].set(xlabel="MoE layer (1 = lowest)", title="Experts by layer")
     for ax in axes:
         ax.title.set_fontsize(10)
-    save(fig, folder, "routing_difficulty.png")
+    save_figure(fig, folder, "routing_difficulty.png")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -570,11 +570,11 @@ def plot_curves(arms, boundaries, folder):
     for tokens, stage in boundaries:
         ax.axvline(tokens, color="k", ls="--", lw=0.8)
     ax.legend(fontsize=8)
-    save(fig, folder, "stages_accuracy.png")
+    save_figure(fig, folder, "stages_accuracy.png")
 
 
 # -----------------------------------------------------------------------------------------------------
-# 4. long_context: train at 128, extend to 512 with the RoPE base kept or raised, or not at all
+# 4. long_context: train at 32 bytes, extend to 128 with the RoPE base kept or raised, or not at all
 
 @torch.no_grad()
 def position_bpb(model, tokenizer, corpora, seq_len, n_buckets=4, batch_size=16, iters=16):
@@ -635,7 +635,7 @@ def plot_long_context(arms, buckets, trained, folder):
                    label=arm)
     right.set(xlabel=f"positions (first stage trained at {trained})", ylabel="val bits per byte",
               title="Text loss by position")
-    save(fig, folder, "long_context.png")
+    save_figure(fig, folder, "long_context.png")
 
 
 EXPERIMENTS = {"hybrid": hybrid, "routing": routing, "stages": stages, "long_context": long_context}
@@ -670,8 +670,8 @@ def run_experiment(cfg, name):
     minutes = {"training": sum(training_minutes(r) for dirs in runs.values() for r in dirs),
                "measuring": (time.time() - t0) / 60}
     default = ExperimentConfig()
-    command = " ".join(["python experiment.py", name] + [f"--{k}={v}".replace(" ", "") for k, v in asdict(cfg).items()
-                                                         if v != getattr(default, k)])
+    command = " ".join(["python -m tools.experiment", name] + [f"--{k}={v}".replace(" ", "")
+                                                               for k, v in asdict(cfg).items() if v != getattr(default, k)])
     results.update(command=command, seeds=cfg.seeds, scale=cfg.scale, minutes=minutes,
                    runs={arm: [" ".join(shlex.quote(c) for c in train_command(cfg, name, arm, s)[0][1:])
                                for s in cfg.seeds] for arm in runs}, verdicts=verdicts)
@@ -697,7 +697,7 @@ def main(argv):
         print(__doc__.strip().split("\n\n")[1])
         if argv and argv[0] in ("-h", "--help"):
             cli.parse(argv, ExperimentConfig, allow_file=False)
-        raise SystemExit(f"usage: python experiment.py {{{'|'.join(names)}}} [--key=value ...]"
+        raise SystemExit(f"usage: python -m tools.experiment {{{'|'.join(names)}}} [--key=value ...]"
                          + (f"; unknown experiment {argv[0]!r}" if argv else ""))
     cfg, = cli.load(argv[1:], ExperimentConfig)
     subprocess.run([sys.executable, os.path.join("data", "prepare.py")], check=True, stdout=subprocess.DEVNULL)
@@ -706,5 +706,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    os.chdir(os.path.dirname(os.path.abspath(__file__)))  # the config paths are relative to the repository
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # config paths are relative to the repository
     main(sys.argv[1:])

@@ -5,18 +5,18 @@ Checkpoints and the run folder: what makes a killed run resumable and keeps one 
                       (a lock file naming the PID), and --resume=False does not overwrite a run
     save_atomic       write to .tmp, then rename: a crash leaves the old file or the new one, never half
     load_checkpoint   the checkpoint, if it continues this run; else a message naming every setting that differs
-    load_run          the model and tokenizer of a run folder, for sampling and measuring (sample.py, experiment.py)
+    load_run          the model and tokenizer of a run folder, for sampling and measuring (sample.py, the tools)
 
-When a rank holds only part of the model (parallel='fsdp', or ep > 1: parallel.py), every rank writes its part
+When a rank holds only part of the model (parallel='fsdp', or ep > 1: infra/parallel.py), every rank writes its part
 with torch.distributed.checkpoint (DCP) instead, into out_dir/sharded/step_N/ beside a run.pt holding the rest
 of the run state; out_dir/sharded/latest names the newest complete one:
 
     save_sharded      all ranks write step_N.tmp/, rank 0 renames it and then points `latest` at it (atomic)
     load_sharded      the weights and optimizer state, each rank its own part; run state as load_checkpoint's
-    python checkpoint.py OUT_DIR    turns the newest sharded checkpoint into OUT_DIR/ckpt.pt for sample.py
+    python -m infra.checkpoint OUT_DIR    turns the newest sharded checkpoint into OUT_DIR/ckpt.pt for sample.py
 
 What a checkpoint holds is said once, in pack: train.py packs its checkpoints with it, consolidate packs the
-one-file form of a sharded run, and load_run (sample.py, experiment.py) reads any of them back into a model.
+one-file form of a sharded run, and load_run (sample.py, tools/experiment.py) reads any of them back into a model.
 """
 
 import atexit
@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 
@@ -189,14 +190,42 @@ def check_resumable(ckpt, path):
 
 def read(path):
     """A checkpoint train.py wrote (any kind: ckpt.pt, best.pt, a sharded one's run.pt), loaded as data only
-    (weights_only), or SystemExit saying why it is not one. load_checkpoint and sample.py read through here."""
+    (weights_only) and brought up to this code's form (upgraded), or SystemExit saying why it is not one.
+    load_checkpoint and sample.py read through here."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:300]}). It is corrupt, "
                          f"not a checkpoint, or not one train.py writes: move it away to start over")
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict):
         raise SystemExit(f"{path} is not a checkpoint written by train.py")
+    return upgraded(ckpt, path)
+
+
+# A checkpoint written by an earlier version of this code: settings it has that this code no longer does, with the
+# value under which the run is the same as now (None: any value), and weights it names otherwise.
+REMOVED_SETTINGS = {"dropout": 0.0, "n_expert_groups": None, "group_balance_loss": 0.0}
+RENAMED_WEIGHTS = [(re.compile(r"^(blocks\.\d+\.ffn\.)(w[123])$"), r"\1experts.\2")]  # (the experts' own module)
+
+
+def upgraded(ckpt, path):
+    """ckpt in this code's form: a removed setting dropped when it held the value this code always uses (else
+    SystemExit naming it), a renamed weight under its new name, and a balancing bias the run never had at its
+    starting value, zero (an MoE layer saved before the bias existed routed exactly as one whose bias is 0)."""
+    settings = ckpt["model_config"]
+    for where in (settings, settings.get("router") if isinstance(settings.get("router"), dict) else {}):
+        for name, same in REMOVED_SETTINGS.items():
+            if name in where and same is not None and where[name] != same:
+                raise SystemExit(f"{path} was written with {name}={where[name]!r}, a setting this code no longer "
+                                 f"has (it always uses {same!r}): train it again, or use the code that wrote it")
+            where.pop(name, None)
+    weights = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else {}
+    for old in list(weights):
+        for pattern, new in RENAMED_WEIGHTS:
+            if pattern.match(old):
+                weights[pattern.sub(new, old)] = weights.pop(old)
+    for router in [k for k in weights if k.endswith(".ffn.router.weight")]:
+        weights.setdefault(router.replace("router.weight", "expert_bias"), torch.zeros(len(weights[router])))
     return ckpt
 
 
@@ -226,7 +255,7 @@ def resume(train_cfg, model_cfg, model, optimizer, world_size, rank, cuda):
     return ckpt, where
 
 
-def save(run, model, optimizer, out_dir, sharded, master):
+def write_checkpoint(run, model, optimizer, out_dir, sharded, master):
     """Write the run's checkpoint (run: what pack made): every rank its part under out_dir/sharded when the model is
     sharded, else rank 0 the whole of it to out_dir/ckpt.pt."""
     if sharded:
@@ -269,13 +298,18 @@ def good_checkpoint(path, saved_at, global_step):
 
 def with_defaults(saved, cfg):
     """A checkpoint's settings, with each setting it lacks (one added to the code after it was written) taken at its
-    default, which is what the code that wrote it did; likewise inside a nested config (the router's)."""
+    default, which is what the code that wrote it did; likewise inside a nested config (the router's) and in each
+    entry of a list of them (the stages)."""
     out = dict(saved)
     for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
         if f.default is not dataclasses.MISSING:
             out.setdefault(f.name, f.default)
-        elif dataclasses.is_dataclass(value := getattr(cfg, f.name)):
+        elif dataclasses.is_dataclass(value):
             out[f.name] = {**with_defaults({}, type(value)()), **saved.get(f.name, {})}
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]) and f.name in saved:
+            defaults = {g.name: g.default for g in dataclasses.fields(value[0]) if g.default is not dataclasses.MISSING}
+            out[f.name] = [{**defaults, **entry} if isinstance(entry, dict) else entry for entry in saved[f.name]]
     return out
 
 
@@ -301,7 +335,7 @@ def load_run(out_dir, which="ckpt", device="cpu"):
         raise SystemExit(f"{out_dir} is a file; --out_dir names the folder train.py wrote a run into")
     if not os.path.isfile(path) and latest_sharded(out_dir) is not None:
         raise SystemExit(f"no {which}.pt in {out_dir}: that run's checkpoint is sharded over its ranks. "
-                         f"python checkpoint.py {out_dir} writes it to {path}")
+                         f"python -m infra.checkpoint {out_dir} writes it to {path}")
     if not os.path.isfile(path):
         runs = sorted(d for d in os.listdir("out") if os.path.isdir(os.path.join("out", d))) \
             if os.path.isdir("out") else []
@@ -485,7 +519,8 @@ def consolidate(out_dir):
 
 
 if __name__ == "__main__":
-    usage = ("usage: python checkpoint.py OUT_DIR\n  writes OUT_DIR/ckpt.pt (whole tensors, for sample.py) from the "
+    usage = ("usage: python -m infra.checkpoint OUT_DIR\n  writes OUT_DIR/ckpt.pt (whole tensors, for sample.py) from "
+             "the "
              "newest sharded checkpoint of a run trained with parallel='fsdp' or ep > 1")
     if sys.argv[1:] in (["-h"], ["--help"]):
         print(usage)
