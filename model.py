@@ -31,21 +31,31 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.attn = Attention(config.n_embd, config.n_head, config.n_kv_head, config.layout()[layer], config.window)
+        # With global_x0, a global (or sharing) layer reads the token embeddings beside the stream, each normalised:
+        # the token it looks a match up for, at a share no earlier layer can shrink (docs/experiments.md).
+        self.x0_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps) if config.global_x0 and \
+            self.attn.kind != LOCAL else None
+        if layer < config.n_attn_only:  # attention alone
+            self.ffn_norm = self.ffn = None
+            return
         self.ffn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        if layer < config.n_dense_layers:
+        if layer < config.n_attn_only + config.n_dense_layers:
             self.ffn = SwiGLU(config.n_embd, config.mlp_hidden)
         else:
             self.ffn = MoE(config.n_embd, config.n_experts, config.expert_hidden, config.n_shared, config.router)
 
-    def forward(self, x, cos, sin, kv, cache, layer):
-        """Returns (x, the K/V this layer attended to, aux loss, Routing or None for a dense layer)."""
-        a, kv = self.attn(self.attn_norm(x), cos, sin, kv, cache, layer)
+    def forward(self, x, x0, cos, sin, kv, cache, layer):
+        """x: the stream; x0: the token embeddings. Returns (x, the K/V this layer attended to, aux loss, Routing or
+        None for a dense layer)."""
+        h = self.attn_norm(x) if self.x0_norm is None else self.attn_norm(x) + self.x0_norm(x0)
+        a, kv = self.attn(h, cos, sin, kv, cache, layer)
         x = x + a
         if isinstance(self.ffn, MoE):
             f, aux, routing = self.ffn(self.ffn_norm(x))
-        else:
-            f, aux, routing = self.ffn(self.ffn_norm(x)), x.new_zeros(()), None
-        return x + f, kv, aux, routing
+            return x + f, kv, aux, routing
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x))
+        return x, kv, x.new_zeros(()), None
 
 
 class LossParts(NamedTuple):
@@ -71,6 +81,9 @@ class GPT(nn.Module):
             self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
             self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if config.x0_mix:  # block i reads x_scale[i] * x + x0_scale[i] * (the token embeddings); starts at 1, 0
+                self.x_scale, self.x0_scale = nn.Parameter(torch.empty(config.n_layer)), \
+                    nn.Parameter(torch.empty(config.n_layer))
         self.to_empty(device=device)
         self.tie_weights()
         init_weights(self, config.n_layer, config.init_std)
@@ -119,10 +132,12 @@ class GPT(nn.Module):
         cos, sin = rope_cache(positions, self.config.n_embd // self.config.n_head, self.rope_base)
         if positions.dim() == 2:  # one position per row (engine.py's ragged batch): broadcast over the heads
             cos, sin = cos[:, None], sin[:, None]
-        x = self.wte(idx)
+        x = x0 = self.wte(idx)
         kv, aux, routing = None, x.new_zeros(()), []
         for i, block in enumerate(self.blocks):
-            x, layer_kv, layer_aux, layer_routing = block(x, cos, sin, kv, cache, i)
+            if self.config.x0_mix:
+                x = self.x_scale[i] * x + self.x0_scale[i] * x0
+            x, layer_kv, layer_aux, layer_routing = block(x, x0, cos, sin, kv, cache, i)
             if block.attn.kind == GLOBAL:
                 kv = layer_kv  # the K/V a following SHARING layer attends with
             aux = aux + layer_aux
@@ -275,8 +290,11 @@ class GPTConfig:
     window: int = 64                 # local layers see this many positions (themselves included); a stage may change it
     share_kv: bool = False           # global layers share K/V in pairs: the 2nd of each pair reuses the 1st's
     rope_base: float = 10000.0       # RoPE base at the start of training (a stage may raise it)
+    x0_mix: bool = False             # each block reads a learned mix of the stream and the token embeddings (x0)
+    global_x0: bool = False          # global layers' attention reads RMSNorm(stream) + RMSNorm(token embeddings)
+    n_attn_only: int = 0             # the first layers have attention and no MLP
     # Mixture-of-Experts
-    n_dense_layers: int = 1          # the first layers keep a dense MLP (as in DeepSeekMoE)
+    n_dense_layers: int = 1          # the first layers with an MLP keep a dense one (as in DeepSeekMoE)
     mlp_hidden: Optional[int] = None     # dense SwiGLU hidden size; default 8/3 * n_embd rounded up to 8
     n_experts: int = 8               # routed experts per MoE layer
     n_shared: int = 1                # always-on shared experts per MoE layer
@@ -307,8 +325,10 @@ class GPTConfig:
         if self.share_kv and n_global < 2:
             raise ValueError(f"share_kv needs at least two global layers to pair; attn_pattern {self.attn_pattern!r} "
                              f"over {self.n_layer} layers has {n_global}: set share_kv=False")
-        if not 0 <= self.n_dense_layers <= self.n_layer:
-            raise ValueError(f"n_dense_layers must be in [0, n_layer]; got {self.n_dense_layers}")
+        if not 0 <= self.n_attn_only <= self.n_layer:
+            raise ValueError(f"n_attn_only must be in [0, n_layer]; got {self.n_attn_only}")
+        if not 0 <= self.n_dense_layers <= self.n_layer - self.n_attn_only:
+            raise ValueError(f"n_dense_layers must be in [0, n_layer - n_attn_only]; got {self.n_dense_layers}")
         if self.n_shared < 0:
             raise ValueError(f"n_shared must be >= 0; got {self.n_shared}")
         if not self.rope_base > 1:
@@ -394,8 +414,11 @@ def weight_inits(module, n_layer, std=0.02):
         elif isinstance(m, MoE):  # (its shared experts are a SwiGLU, met on their own)
             e = m.experts
             yield from ((m.router.weight, std), (e.w1, std), (e.w3, std), (e.w2, out_std), (m.expert_bias, 0))
-        elif isinstance(m, GPT) and not m.config.tie_embeddings:  # (tied: it is the embedding)
-            yield m.lm_head.weight, std
+        elif isinstance(m, GPT):
+            if not m.config.tie_embeddings:  # (tied: it is the embedding)
+                yield m.lm_head.weight, std
+            if m.config.x0_mix:  # (the blocks start by reading the stream alone)
+                yield from ((m.x_scale, None), (m.x0_scale, 0))
 
 
 def init_weights(module, n_layer, std=0.02):

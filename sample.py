@@ -15,7 +15,6 @@ colours, and in out_dir/experts.png for slides.
 """
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -223,4 +222,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

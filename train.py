@@ -20,9 +20,14 @@ import sys
 import time
 
 STARTED = time.time()  # before torch is imported: each log record's wall_s counts from here
-from infra import cli
+STARTING = "interrupted while starting: nothing was trained. Run the same command to start again."
+try:
+    from infra import cli
+except KeyboardInterrupt:  # (Ctrl-C in the moment before the handler below is in place)
+    print(STARTING, file=sys.stderr)
+    sys.exit(130)
 if __name__ == "__main__":  # (first: until the run's own handler is in place, a signal ends start-up in one line)
-    cli.exit_on_signal("interrupted while starting: nothing was trained. Run the same command to start again.")
+    cli.exit_on_signal(STARTING)
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
@@ -292,9 +297,8 @@ class Trainer:
                                 f"{last_checkpoint(cfg.out_dir, self.sharded)}. Run the same command again to "
                                 f"resume.")
                     return 128 + self.stop.number
-        self.finish(f"run complete: {state['global_step']} steps, {state['tokens']:,} tokens. "
-                    f"Checkpoint: {last_checkpoint(cfg.out_dir, self.sharded)}", complete=True)
-        return 0
+        return self.finish(f"run complete: {state['global_step']} steps, {state['tokens']:,} tokens. "
+                           f"Checkpoint: {last_checkpoint(cfg.out_dir, self.sharded)}", complete=True)
 
     def begin_stage(self, s):
         """The stage's loader. At its first step, the stage's router settings, RoPE base and window take effect;
@@ -363,7 +367,8 @@ class Trainer:
         record = {"kind": "train", "step": state["global_step"], "tokens": state["tokens"], "stage": s,
                   "stage_step": state["step"] - 1, "lr": lr, **v, "tok_s": tok_s, "mfu": util, "active_params": active,
                   "seq_len": stage.seq_len, "batch_size": stage.batch_size, "mixture": stage.mixture,
-                  "rope_base": self.raw_model.rope_base, "top_p": [m.config.top_p for m in self.moes],
+                  "rope_base": self.raw_model.rope_base, "window": self.raw_model.window,
+                  "top_p": [m.config.top_p for m in self.moes],
                   "routing": [m.config.routing for m in self.moes]}
         if self.cfg.ep > 1:  # the load per EP rank: the slowest rank sets every rank's pace
             record["ep_rows"] = parallel.rows_per_ep_rank(v["tokens_per_expert"], self.cfg.ep)
@@ -385,7 +390,8 @@ class Trainer:
         if self.master:
             tqdm.write(f"step {state['global_step']} stage {s} ({stage.name}): {evaluation.summary(measured)}")
         mean_bpb = sum(measured["val_bpb"].values()) / len(measured["val_bpb"])
-        if math.isfinite(mean_bpb) and (state["best_val"] is None or mean_bpb < state["best_val"]):
+        if math.isfinite(mean_bpb) and (state["best_val"] is None or mean_bpb < state["best_val"]) and \
+                parallel.all_finite(self.raw_model, self.ranks, self.device, sharded=False):
             state["best_val"] = mean_bpb
             if not self.sharded:
                 save_atomic(pack(self.model_cfg, self.cfg, self.meta, state, model=self.raw_model.state_dict()),
@@ -393,7 +399,7 @@ class Trainer:
 
     def save_checkpoint(self, loader):
         if not parallel.all_finite(self.raw_model, self.ranks, self.device, self.sharded):  # (an update blew up)
-            self.stop_non_finite("non-finite weights after the update")
+            self.stop_non_finite("non-finite weights or balancing biases after the update")
         # The loader's stream is the same on every rank; the torch RNG is not, so each rank's is kept.
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if self.device_type == "cuda" else None}
         run = pack(self.model_cfg, self.cfg, self.meta, self.state, loader=loader.state_dict(),
@@ -402,13 +408,19 @@ class Trainer:
         self.saved_at = self.state["global_step"]
 
     def finish(self, message, complete=False):
+        """The run's last words: its message, then (a complete run, on rank 0) its plots and samples. Returns the exit
+        code of a complete run: 0, or 128 + the signal's number when one came after its last step's check (its
+        checkpoint is whole; the plots and samples are left out)."""
         self.bar.close()
         parallel.leave(self.ranks)  # (before rank 0's plots and samples)
         if self.master:
             print(message, flush=True)  # (a signal from here on ends the process without flushing)
         cli.exit_on_signal("interrupted after the run ended: its checkpoint is saved")  # (the samples that follow)
+        if complete and self.stop.signal is not None:  # (noted between the last check and the handler above)
+            print("interrupted as the run ended: its checkpoint is saved", file=sys.stderr, flush=True)
+            return 128 + self.stop.number
         if not (self.master and complete):
-            return
+            return 0
         from infra.plot import plot_run, read_metrics  # (matplotlib loads only when a run ends)
         if self.cfg.plots:
             plot_run(self.cfg.out_dir)
@@ -421,6 +433,7 @@ class Trainer:
                                             self.autocast)
             lines += [""] + evaluation.stage_end_accuracy(read_metrics(self.cfg.out_dir), self.cfg.stages)
             print("\n".join(lines))
+        return 0
 
 
 def main(argv):

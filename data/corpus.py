@@ -2,8 +2,9 @@
 Corpora on disk, the offline tokenizers, and the loader that draws a stage's batches from a mixture.
 
 A corpus is a folder data/<name>/ whose prepare.py writes one tokenization per tokenizer it supports:
-data/<name>/<tokenizer>/ holds train.bin and val.bin (flat uint16 token ids, each document followed by the
-end-of-text token) and meta.json (the tokenizer, token and byte counts). A run names its tokenizer once and
+data/<name>/<tokenizer>/ holds train.bin and val.bin (flat token ids, uint16, or uint32 for a vocabulary of more
+than 65,536, each document followed by the end-of-text token) and meta.json (the tokenizer, the ids' type, the
+counts of documents, tokens and bytes). A run names its tokenizer once and
 its stages name corpora, so every corpus of a run is read in the same tokenization: two can never mix.
 
     byte   UTF-8 bytes: ids 0-255, end-of-text 256. Lossless for any text, 257 ids: the CPU track.
@@ -17,6 +18,7 @@ corpus, drawn with those weights, at a uniformly random offset.
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,32 +127,124 @@ def tokenizer_names(choice, supported, corpus):
     return [choice]
 
 
+def token_dtype(vocab_size):
+    """The narrowest unsigned type that holds every id of a vocabulary: uint16 up to 65,536 ids, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2 ** 16 else np.uint32)
+
+
+class CorpusWriter:
+    """One tokenization of a corpus written as its documents come, in bounded memory: train.bin and val.bin grow in
+    a folder beside the final one (<tokenizer>.tmp/), which takes the final one's place only once finish() has
+    written its meta.json. A reader never sees a half-written corpus: the folder it reads is whole or absent.
+
+    progress.json in the folder records how far the writing got (documents done, the files' sizes, the counts),
+    updated by save_progress after the data it names is on disk; a writer made again with the same `signature`
+    (what the input was) truncates the files to those sizes and carries on from `resumed_docs`. A different
+    signature, or none, starts over."""
+
+    def __init__(self, directory, tokenizer, signature=None):
+        self.final, self.folder, self.tokenizer = directory, directory + ".tmp", tokenizer
+        self.dtype = token_dtype(tokenizer.vocab_size)
+        self.counts = {f"{split}_{what}": 0 for split in ("train", "val") for what in ("tokens", "bytes", "documents")}
+        self.resumed_docs, progress = 0, os.path.join(self.folder, "progress.json")
+        try:
+            with open(progress) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            saved = None
+        if saved is not None and signature is not None and saved.get("signature") == signature:
+            self.resumed_docs, self.counts = saved["documents"], saved["counts"]
+        else:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            os.makedirs(self.folder)
+        self.files = {}
+        for split in ("train", "val"):
+            path = os.path.join(self.folder, f"{split}.bin")
+            self.files[split] = open(path, "r+b" if os.path.exists(path) else "wb")
+            self.files[split].truncate(self.counts[f"{split}_tokens"] * self.dtype.itemsize)
+            self.files[split].seek(0, os.SEEK_END)
+        self.signature = signature
+
+    def add(self, split, ids, n_bytes, n_docs):
+        """Append the token ids (a sequence or array, end-of-text tokens included) of n_docs documents of n_bytes
+        bytes of text to a split."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.tokenizer.vocab_size):
+            raise ValueError(f"token id {int(ids.max()) if ids.max() >= 0 else int(ids.min())} is outside the "
+                             f"{self.tokenizer.name} tokenizer's {self.tokenizer.vocab_size} ids")
+        self.files[split].write(ids.astype(self.dtype).tobytes())
+        for what, n in (("tokens", ids.size), ("bytes", n_bytes), ("documents", n_docs)):
+            self.counts[f"{split}_{what}"] += int(n)
+
+    def save_progress(self, documents):
+        """Record that the first `documents` input documents are written (the files flushed to disk first)."""
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+        write_json({"signature": self.signature, "documents": documents, "counts": self.counts},
+                   os.path.join(self.folder, "progress.json"))
+
+    def finish(self, meta=None):
+        """meta.json written, then the folder takes the final one's place (an older corpus there goes)."""
+        for f in self.files.values():
+            f.close()
+        meta = {**self.tokenizer.meta(), **(meta or {}), "dtype": self.dtype.name, **self.counts}
+        write_json(meta, os.path.join(self.folder, "meta.json"))
+        os.remove(os.path.join(self.folder, "progress.json")) if os.path.exists(
+            os.path.join(self.folder, "progress.json")) else None
+        old = self.final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(self.final):
+            os.replace(self.final, old)
+        os.replace(self.folder, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+        return meta
+
+    def abort(self):
+        """Nothing of this writing left behind (a bad input, a full disk): the folder goes."""
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(self.folder))  # (the corpus's own folder, if this writing made it)
+        except OSError:
+            pass
+
+
+def write_json(obj, path):
+    """path written whole or not at all (a .tmp renamed over it)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
 def write_corpus(name, tokenizer, train_docs, val_docs, meta=None, directory=None):
-    """Tokenize documents with `tokenizer` (a Tokenizer) and write train.bin, val.bin (uint16) and
-    meta.json to data/<name>/<tokenizer>/ (or `directory`)."""
-    directory = directory or os.path.join(DATA_DIR, name, tokenizer.name)
-    counts, arrays = {}, {}
-    for split, docs in (("train", train_docs), ("val", val_docs)):  # (all tokenized before anything is written)
-        ids, n_bytes = [], 0
-        for doc in docs:
-            ids += tokenizer.encode_document(doc)
-            n_bytes += len(doc.encode("utf-8"))
-        arr = np.asarray(ids, dtype=np.int64)
-        if arr.size and (arr.min() < 0 or arr.max() >= 2 ** 16):
-            raise ValueError(f"token ids must fit in uint16; got range [{arr.min()}, {arr.max()}]")
-        arrays[split] = arr.astype(np.uint16)
-        counts.update({f"{split}_tokens": len(ids), f"{split}_bytes": n_bytes})
-    meta = {**tokenizer.meta(), **(meta or {}), **counts}
-    os.makedirs(directory, exist_ok=True)
-    for split, arr in arrays.items():
-        arr.tofile(os.path.join(directory, f"{split}.bin.tmp"))
-    with open(os.path.join(directory, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    for file in ("train.bin", "val.bin", "meta.json"):  # (renamed once all are written: a failed write leaves the
-        os.replace(os.path.join(directory, file + ".tmp"), os.path.join(directory, file))  # old corpus whole)
-    print(f"{name} ({tokenizer.name}): {counts['train_tokens']:,} train tokens, {counts['val_tokens']:,} val "
-          f"tokens -> {directory}")
+    """Tokenize documents with `tokenizer` (a Tokenizer) and write train.bin, val.bin and meta.json to
+    data/<name>/<tokenizer>/ (or `directory`): the small corpora this repository builds, in one go."""
+    writer = CorpusWriter(directory or os.path.join(DATA_DIR, name, tokenizer.name), tokenizer)
+    try:
+        for split, docs in (("train", train_docs), ("val", val_docs)):
+            for doc in docs:
+                writer.add(split, tokenizer.encode_document(doc), len(doc.encode("utf-8")), 1)
+        meta = writer.finish(meta)
+    except BaseException:
+        writer.abort()
+        raise
+    print(f"{name} ({tokenizer.name}): {meta['train_tokens']:,} train tokens, {meta['val_tokens']:,} val "
+          f"tokens -> {writer.final}")
     return meta
+
+
+def read_tokens(path, meta, split):
+    """A split's token ids as written (uint16 or uint32, as meta.json says), memory-mapped: nothing is loaded."""
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    n = meta[f"{split}_tokens"]
+    if os.path.getsize(path) != n * dtype.itemsize:
+        raise ValueError(f"{path} holds {os.path.getsize(path)} bytes but meta.json counts {n} tokens of {dtype.name} "
+                         f"({n * dtype.itemsize} bytes): the file is truncated or stale; prepare the corpus again")
+    return np.memmap(path, dtype=dtype, mode="r") if n else np.zeros(0, dtype)
 
 
 def available_corpora():
@@ -182,6 +276,8 @@ def read_meta(name, tokenizer):
                   if not isinstance(meta.get(k), int) or isinstance(meta.get(k), bool) or meta[k] < 0]
         if counts:
             raise ValueError(f"{' and '.join(counts)} must be a count of tokens")
+        if meta.get("dtype", "uint16") not in ("uint16", "uint32"):
+            raise ValueError(f"dtype must be uint16 or uint32; got {meta.get('dtype')!r}")
         if meta.get("tokenizer") != tokenizer:
             raise ValueError(f"it names the tokenizer {meta.get('tokenizer')!r}, and it is in the {tokenizer} folder")
         if tokenizer == "char" and not (isinstance(meta.get("chars"), list) and meta["chars"]):
@@ -197,7 +293,7 @@ def check_token_ids(name, tokenizer, vocab_size):
     second per GB)."""
     for split in ("train", "val"):
         path = os.path.join(DATA_DIR, name, tokenizer, f"{split}.bin")
-        data = np.memmap(path, dtype=np.uint16, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint16)
+        data = read_tokens(path, read_meta(name, tokenizer), split)
         largest = max((int(data[i:i + 2 ** 24].max()) for i in range(0, len(data), 2 ** 24)), default=-1)
         if largest >= vocab_size:
             raise ValueError(f"{path} holds token id {largest}, beyond the {tokenizer} tokenizer's {vocab_size} "
@@ -261,15 +357,11 @@ class MixtureLoader:
         self.rng = np.random.default_rng([seed, stream])
 
     def open(self, name, tokenizer, split):
-        path = os.path.join(DATA_DIR, name, tokenizer, f"{split}.bin")
-        expected = read_meta(name, tokenizer)[f"{split}_tokens"]
-        if os.path.getsize(path) != 2 * expected:
-            raise ValueError(f"{path} holds {os.path.getsize(path)} bytes but meta.json counts {expected} tokens "
-                             f"({2 * expected} bytes): the file is truncated or stale; prepare the corpus again")
-        if expected <= self.seq_len + 1:
-            raise ValueError(f"the {split} split of {name!r} has {expected} tokens, too few for seq_len "
+        data = read_tokens(os.path.join(DATA_DIR, name, tokenizer, f"{split}.bin"), read_meta(name, tokenizer), split)
+        if len(data) <= self.seq_len + 1:
+            raise ValueError(f"the {split} split of {name!r} has {len(data)} tokens, too few for seq_len "
                              f"{self.seq_len}: it needs at least {self.seq_len + 2}")
-        return np.memmap(path, dtype=np.uint16, mode="r")
+        return data
 
     def next_batch(self):
         """Returns x, y and the index (into self.names) of the corpus each row came from."""

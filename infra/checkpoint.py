@@ -136,9 +136,18 @@ def claim_out_dir(cfg):
             os.remove(lock)
             raise SystemExit(f"cannot write the lock {lock} ({e.strerror}): disk full? Free space and run the same "
                              f"command again") from None
-        atexit.register(lambda: lock_owner(lock) == os.getpid() and os.remove(lock))
+        atexit.register(release, lock)
         return
     raise SystemExit(f"could not take the lock {lock}: another run keeps taking it")
+
+
+def release(lock):
+    """Remove our lock at exit; a folder gone read-only or removed meanwhile leaves it (its PID then dies)."""
+    try:
+        if lock_owner(lock) == os.getpid():
+            os.remove(lock)
+    except OSError:
+        pass
 
 
 def lock_owner(lock):
@@ -505,6 +514,10 @@ def consolidate(out_dir):
                          f"name the out_dir of a run trained with parallel='fsdp' or ep > 1")
     check_metadata(folder)
     run = read(os.path.join(folder, "run.pt"))
+    missing = [k for k in ("model_config", "train_config", "meta", "state") if not isinstance(run.get(k), dict)]
+    if missing:
+        raise SystemExit(f"{os.path.join(folder, 'run.pt')} lacks {', '.join(missing)}: it is damaged, or not a run "
+                         f"train.py wrote; consolidate a checkpoint you trust")
     whole = {}  # (what torch's dcp_to_torch_save does, with a planner that unpickles data only)
     try:
         _load_state_dict(whole, storage_reader=FileSystemReader(folder),
@@ -518,13 +531,17 @@ def consolidate(out_dir):
     return path
 
 
-if __name__ == "__main__":
+def main(argv):
     usage = ("usage: python -m infra.checkpoint OUT_DIR\n  writes OUT_DIR/ckpt.pt (whole tensors, for sample.py) from "
-             "the "
-             "newest sharded checkpoint of a run trained with parallel='fsdp' or ep > 1")
-    if sys.argv[1:] in (["-h"], ["--help"]):
+             "the newest sharded checkpoint of a run trained with parallel='fsdp' or ep > 1")
+    if argv in (["-h"], ["--help"]):
         print(usage)
-    elif len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+    elif len(argv) != 1 or argv[0].startswith("-"):
         sys.exit(usage)
     else:
-        print(f"wrote {consolidate(sys.argv[1])}")
+        print(f"wrote {consolidate(argv[0])}")
+
+
+if __name__ == "__main__":
+    from infra import cli
+    cli.run(main)

@@ -211,6 +211,9 @@ def _read_file(path, namespace):
     except SystemExit as e:
         raise ConfigError(f"config file {path} called sys.exit({e.code!r}) while it ran: a config file only assigns "
                           f"settings") from None
+    except KeyboardInterrupt:  # (raised by the file itself: a Ctrl-C at start-up is the signal handler's)
+        raise ConfigError(f"config file {path} raised KeyboardInterrupt while it ran: a config file only assigns "
+                          f"settings") from None
     except Exception as e:  # the file is Python: it can fail in any way while it runs
         raise ConfigError(f"config file {path} failed while running: {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items()
@@ -236,6 +239,17 @@ def exit_on_signal(message):
         os._exit(128 + signum)
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, end)
+
+
+def run(main):
+    """sys.exit(main(sys.argv[1:])), with a Ctrl-C ending in one line and exit code 130 rather than a traceback:
+    how every script but train.py (which has its own handler) runs its main."""
+    import sys
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 def valid_seed(value):

@@ -112,6 +112,9 @@ def evaluate(model, tokenizer, corpora, tasks, seq_len, batch_size, iters, autoc
         measured["arith_accuracy"] = arith_accuracy(model, tokenizer, tasks["arith"], autocast)
     if tasks["recall"]:
         measured["recall"] = recall_accuracy(model, tokenizer, tasks["recall"], seq_len, autocast)
+        retrieval = retrieval_attention(model, tokenizer, tasks["recall"], seq_len, autocast)
+        if retrieval:
+            measured["retrieval"] = retrieval
     return measured
 
 
@@ -123,6 +126,11 @@ def summary(measured):
         line += f", arith exact match {measured['arith_accuracy']['all']:.2f}"
     if "recall" in measured:
         line += ", recall by gap " + ", ".join(f"{k} {v:.2f}" for k, v in measured["recall"]["bucket"].items())
+    if "retrieval" in measured:
+        r = measured["retrieval"]
+        best = [max(range(len(p)), key=p.__getitem__) for p in r["pair"]]  # (the head that looks most at the pair)
+        line += "; beyond the window, the best head's attention to the pair (to the last window) in layer " + ", ".join(
+            f"{i} {p[h]:.2f} ({n[h]:.2f})" for i, p, n, h in zip(r["layers"], r["pair"], r["recent"], best))
     return line
 
 
@@ -269,6 +277,77 @@ def recall_accuracy(model, tokenizer, docs, seq_len, autocast, edges=None, batch
 
 
 # -----------------------------------------------------------------------------------------------------
+# Retrieval: where a global layer looks when the pair a query asks for lies beyond the window
+
+def retrieval_masses(probs, queries, window):
+    """Per head, the mean attention mass from each query to its planted pair and to the last `window` positions:
+    (pair (H,), recent (H,)). probs (B, H, T, T): one layer's attention over rows that read [end-of-text] + a
+    document's bytes; queries: (row, at, gap) each, the key's last byte at byte `at` (row position at + 1, where the
+    value is predicted) and the pair's two bytes at row positions at - gap and at - gap + 1."""
+    rows, at, gap = (torch.tensor(v, device=probs.device) for v in zip(*queries))
+    t = at + 1                                                 # (row position = byte offset + 1: the end-of-text)
+    seen = probs[rows, :, t]                                   # (Q, H, T): each query's attention
+    pair = seen.gather(-1, torch.stack([at - gap, at - gap + 1], -1)[:, None].expand(-1, seen.shape[1], -1)).sum(-1)
+    upto = seen.cumsum(-1)                                     # mass on positions t - window + 1 .. t
+    index = torch.stack([t, t - window], -1)[:, None].expand(-1, seen.shape[1], -1)
+    ends = upto.gather(-1, index.clamp(min=0))
+    recent = ends[..., 0] - torch.where(index[..., 1] >= 0, ends[..., 1], 0)
+    return pair.mean(0), recent.mean(0)
+
+
+@torch.no_grad()
+def retrieval_attention(model, tokenizer, docs, seq_len, autocast, batch_size=32):
+    """For the recall val documents' queries beyond the window (gap >= the model's window): per global and sharing
+    layer and per head, the mean attention mass on the planted pair and on the last `window` positions
+    (retrieval_masses). A layer that has learned the lookup puts its mass on the pair; one that attends to recent
+    positions puts it there. {"layers", "kinds", "pair", "recent", "queries"}, or None without global layers."""
+    layers = [(i, b.attn) for i, b in enumerate(model.blocks) if b.attn.kind != LOCAL]
+    if not layers:
+        return None
+    model.eval()
+    device, window = model.wte.weight.device, model.window
+    sums = {i: [0, 0] for i, _ in layers}
+    count, probs = 0, {}
+
+    def keep(i):
+        def hook(attn, args, output):  # args (x, cos, sin, kv, cache, layer); output (y, (k, v, mask))
+            q, k = attn.queries(*args[:3]).float(), output[1][0].float()
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            T = q.shape[2]
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            probs[i] = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))\
+                .softmax(-1)
+        return hook
+
+    handles = [attn.register_forward_hook(keep(i)) for i, attn in layers]
+    try:
+        for start in range(0, len(docs), batch_size):
+            group = docs[start:start + batch_size]
+            rows = [([tokenizer.eot] + tokenizer.encode(d["text"]))[:seq_len] for d in group]
+            T = min(len(r) for r in rows)
+            queries = [(row, q["at"], q["gap"]) for row, d in enumerate(group) for q in d["queries"]
+                       if q["gap"] >= window and q["at"] + 1 < T]
+            if not queries:
+                continue
+            with autocast:
+                model(torch.tensor([r[:T] for r in rows], device=device))
+            for i, _ in layers:
+                pair, recent = retrieval_masses(probs[i], queries, window)
+                sums[i][0] += pair * len(queries)
+                sums[i][1] += recent * len(queries)
+            count += len(queries)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train()
+    if not count:
+        return None
+    return {"layers": [i for i, _ in layers], "kinds": [attn.kind for _, attn in layers], "queries": count,
+            "pair": [(sums[i][0] / count).tolist() for i, _ in layers],
+            "recent": [(sums[i][1] / count).tolist() for i, _ in layers]}
+
+
+# -----------------------------------------------------------------------------------------------------
 # Throughput: FLOPs per token from the routing actually measured, and the GPU's peak
 
 def flops_per_token(model_cfg, active_params, seq_len):
@@ -383,6 +462,18 @@ def mean_by_group(values, mask, groups):
         sums[group] += values[row][mask[row]].sum().item()
         counts[group] += int(mask[row].sum())
     return {g: sums[g] / counts[g] for g in sorted(sums) if counts[g]}
+
+
+def ridge_probe_accuracy(features, labels, fit, penalty=1e-3):
+    """How well a linear map reads labels out of features: ridge regression of one-hot labels on the features of
+    the rows where fit is true, scored (argmax) on the others. features (N, C), labels (N,) ints, fit (N,) bool."""
+    x = torch.as_tensor(features, dtype=torch.float64)
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)  # (a bias column)
+    labels = torch.as_tensor(labels)
+    y = torch.nn.functional.one_hot(labels).double()
+    a, b = x[fit], y[fit]
+    w = torch.linalg.solve(a.T @ a + penalty * len(a) * torch.eye(a.shape[1], dtype=torch.float64), a.T @ b)
+    return ((x[~fit] @ w).argmax(-1) == labels[~fit]).double().mean().item()
 
 
 def bpb_by_position(token_loss, targets, token_bytes, n_buckets):

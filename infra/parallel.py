@@ -291,10 +291,11 @@ def any_rank(flag, ranks, device):
 
 
 def all_finite(model, ranks, device, sharded):
-    """Whether every weight of the model is finite, on every rank when each holds only a part (sharded); with
-    whole models every rank holds the same weights, and asks no other."""
+    """Whether every tensor a checkpoint saves of the model (each weight, and each buffer: the experts' balancing
+    biases) is finite, on every rank when each holds only a part (sharded); with whole models every rank holds the
+    same ones, and asks no other."""
     local = torch.stack([torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
-                         for p in model.parameters()]).all().item()  # (one read from the device, not one per weight)
+                         for p in [*model.parameters(), *model.buffers()]]).all().item()  # (one read, not one each)
     return not any_rank(not local, ranks, device) if sharded else local
 
 

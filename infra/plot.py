@@ -12,7 +12,6 @@ Run: python -m infra.plot out/<run>   (train.py calls it at the end of a run)
 
 import json
 import os
-import sys
 
 import matplotlib
 
@@ -146,7 +145,12 @@ def plot_load(train):
     return fig
 
 
+def main(argv):
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise SystemExit("usage: python -m infra.plot out/<run>   (writes out/<run>/plots/ from its metrics.jsonl)")
+    plot_run(argv[0])
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m infra.plot out/<run>")
-    plot_run(sys.argv[1])
+    from infra import cli
+    cli.run(main)

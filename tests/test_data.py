@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -238,12 +239,110 @@ def test_generic_text_prepare(corpora, tmp_path):
         shutil.rmtree(os.path.join(corpora, "data", name), ignore_errors=True)
 
 
-def test_write_corpus_rejects_large_ids(tmp_path):
-    class Wide(Tokenizer):
+def test_token_ids_past_65535_are_stored_wide_and_come_back_whole(tmp_path):
+    from data.corpus import CorpusWriter, read_tokens
+
+    class Wide(Tokenizer):  # a vocabulary of 100,000 ids
+        def __init__(self):
+            super().__init__("byte")
+            self.vocab_size, self.eot = 100_000, 99_999
+
         def encode(self, text):
-            return [70000]
-    with pytest.raises(ValueError, match="uint16"):
-        write_corpus("x", Wide("byte"), ["a"], ["b"], directory=str(tmp_path))
+            return [70_000 + ord(c) for c in text]
+    wide = Wide()
+    meta = write_corpus("x", wide, ["ab", "c"], ["d"], directory=str(tmp_path / "x"))
+    assert meta["dtype"] == "uint32"
+    assert read_tokens(str(tmp_path / "x" / "train.bin"), meta, "train").tolist() == [70097, 70098, 99999, 70099, 99999]
+    writer = CorpusWriter(str(tmp_path / "y"), Tokenizer("byte"))  # an id beyond the tokenizer's is refused
+    with pytest.raises(ValueError, match="token id 300 is outside the byte tokenizer's 257 ids"):
+        writer.add("train", [1, 300], 2, 1)
+
+
+PREPARE = [sys.executable, "data/text/prepare.py", "--tokenizer=byte"]
+
+
+def text_inputs(folder, n_docs=300):
+    """A JSONL file of n_docs documents and a .txt document of about 60 KB whose lines (some indented) are read
+    in pieces, with a CRLF line ending (read as \\n, as the whole-file read did)."""
+    rng = random.Random(0)
+    words = ["the", "king", "ε", "données", "\u2603", "Σ", "and", "2+2=4", "x"]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 80))) for _ in range(n_docs)]
+    (folder / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n", encoding="utf-8")
+    lines = [("  " if i % 3 == 0 else "") + " ".join(rng.choice(words) for _ in range(12)) for i in range(2000)]
+    (folder / "b.txt").write_bytes(("\n".join(lines) + "\r\nend\n").encode("utf-8"))
+    return docs + [("\n".join(lines) + "\nend\n")], [str(folder / "a.jsonl"), str(folder / "b.txt")]
+
+
+def prepared(corpora, name):
+    folder = os.path.join(corpora, "data", name, "byte")
+    return {f: open(os.path.join(folder, f), "rb").read() for f in ("train.bin", "val.bin")}, \
+        json.load(open(os.path.join(folder, "meta.json")))
+
+
+def test_the_streaming_prepare_is_the_same_for_any_worker_count_and_equals_one_write(corpora, tmp_path):
+    docs, files = text_inputs(tmp_path)
+    names = ["pytest_w1", "pytest_w2"]
+    try:
+        for name, workers in zip(names, (1, 2)):
+            done = subprocess.run(PREPARE + [f"--name={name}", f"--workers={workers}", "--chunk_mib=0.01", *files],
+                                  cwd=corpora, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-2000:]
+        (one, meta1), (two, meta2) = prepared(corpora, names[0]), prepared(corpora, names[1])
+        assert one == two and meta1 == meta2
+        val = [d for i, d in enumerate(docs, 1) if i % 20 == 0]
+        train = [d for i, d in enumerate(docs, 1) if i % 20]
+        reference = write_corpus("r", Tokenizer("byte"), train, val, directory=str(tmp_path / "r"))
+        assert one == {f: (tmp_path / "r" / f).read_bytes() for f in ("train.bin", "val.bin")}
+        assert {k: meta1[k] for k in reference} == reference and meta1["documents"] == len(docs)
+        assert meta1["train_bytes"] + meta1["val_bytes"] == sum(len(d.encode()) for d in docs)
+        x, _, _ = MixtureLoader({names[1]: 1.0}, "byte", 16, 2).next_batch()
+        assert x.shape == (2, 16)
+    finally:
+        for name in names:
+            shutil.rmtree(os.path.join(corpora, "data", name), ignore_errors=True)
+
+
+def test_a_prepare_killed_midway_continues_to_the_same_files(corpora, tmp_path):
+    _, files = text_inputs(tmp_path, n_docs=20_000)
+    names, args = ["pytest_whole", "pytest_killed"], ["--workers=1", "--chunk_mib=0.02", *files]
+    progress = os.path.join(corpora, "data", names[1], "byte.tmp", "progress.json")
+    try:
+        assert subprocess.run(PREPARE + [f"--name={names[0]}", *args], cwd=corpora, capture_output=True).returncode == 0
+        proc = subprocess.Popen(PREPARE + [f"--name={names[1]}", *args], cwd=corpora, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while not os.path.exists(progress) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait()
+        assert os.path.exists(progress) and not os.path.exists(os.path.join(corpora, "data", names[1], "byte")), \
+            "the kill should land midway: no finished corpus yet"
+        again = subprocess.run(PREPARE + [f"--name={names[1]}", *args], cwd=corpora, capture_output=True, text=True)
+        assert again.returncode == 0 and "continuing after the" in again.stdout, again.stdout + again.stderr
+        assert prepared(corpora, names[0]) == prepared(corpora, names[1])
+        assert not os.path.exists(os.path.dirname(progress))
+    finally:
+        for name in names:
+            shutil.rmtree(os.path.join(corpora, "data", name), ignore_errors=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(corpora, tmp_path, monkeypatch, capsys):
+    import errno
+    import importlib.util
+    import data.corpus as corpus
+    _, files = text_inputs(tmp_path)
+    monkeypatch.setattr(corpus, "DATA_DIR", str(tmp_path / "data"))
+
+    def full(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(corpus.CorpusWriter, "add", full)
+    spec = importlib.util.spec_from_file_location("text_prepare", os.path.join(corpora, "data", "text", "prepare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(SystemExit, match=r"could not prepare disk \(byte\): OSError: .*No space left on device"):
+        module.main(["--name=disk", "--tokenizer=byte", "--workers=1", *files])
+    assert not os.path.exists(tmp_path / "data" / "disk")  # not even the folder it was writing in
 
 
 def test_a_damaged_meta_or_foreign_token_ids_are_named(corpora, tmp_path, monkeypatch):

@@ -135,11 +135,22 @@ def test_every_arm_loads_and_the_hybrid_arms_match_in_size(corpora):
             _, model_cfg, _ = train.load_config(files)
             if name == "hybrid":
                 params[arm] = GPT(model_cfg, verbose=False).num_params()
-    assert set(params) == {"all_global", "hybrid", "all_local"}
-    assert all(abs(p / params["all_global"] - 1) < 0.02 for p in params.values()), params
+    assert set(params) == {"all_global", "hybrid", "hybrid_x0", "global_first"}
+    assert all(abs(p / params["all_global"] - 1) < 0.02 for p in params.values()), params  # (hybrid_x0: 2 gains more)
 
 
 def test_training_minutes_add_up_across_a_resume(tmp_path):
     records = [{"kind": "train", "step": i, "wall_s": w} for i, w in enumerate([10, 20, 30, 5, 15])]  # resumed at 5
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert experiment.training_minutes(tmp_path) == pytest.approx((30 + 15) / 60)
+
+
+def test_the_ridge_probe_reads_a_linear_code_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 16, (2000,), generator=g)
+    codes = torch.randn(16, 32, generator=g)
+    features = codes[labels] + 0.1 * torch.randn(2000, 32, generator=g)  # each label a direction, plus noise
+    fit = torch.arange(2000) % 2 == 0
+    assert evaluation.ridge_probe_accuracy(features, labels, fit) > 0.99
+    shuffled = labels[torch.randperm(2000, generator=g)]  # labels that the features do not carry
+    assert abs(evaluation.ridge_probe_accuracy(features, shuffled, fit) - 1 / 16) < 0.04

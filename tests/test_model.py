@@ -101,6 +101,8 @@ def test_active_parameter_count_by_hand():
     (dict(routing="top_q"), "routing"),
     (dict(n_experts=0), "n_experts must be >= 1"),
     (dict(n_shared=-1), "n_shared must be >= 0"),
+    (dict(n_attn_only=9), "n_attn_only must be in .0, n_layer."),
+    (dict(n_attn_only=4, n_dense_layers=5), "n_dense_layers must be in .0, n_layer - n_attn_only."),
     (dict(target_experts=9), "target_experts"),
 ])
 def test_bad_configs(change, message):
@@ -267,3 +269,73 @@ def test_a_compiled_training_step_is_one_graph_and_a_new_seq_len_one_recompile()
         loss.backward()
         frames.append(counter.frame_count)
     assert frames == [1, 1, 2, 2]  # one graph (a break would make 2 frames per step), one recompile
+
+
+def naive_logits(model, idx):
+    """A dense GPT's logits computed here from its weights by the plain formulas: RMSNorm, rotary embeddings on
+    each pair (d, d + D/2), a masked softmax per head (a window where the layer is local, the global layer's K/V
+    where it shares them), SwiGLU, tied head. What the model computed before any of its optional remedies existed."""
+    c = model.config
+    T, D = idx.shape[1], c.n_embd // c.n_head
+    pos = torch.arange(T, dtype=torch.float64)
+    angle = pos[:, None] * model.rope_base ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+
+    def rope(x):  # (H, T, D)
+        a, b = x[..., :D // 2], x[..., D // 2:]
+        return torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()], -1)
+
+    def norm(x, w):
+        return x / (x.square().mean(-1, keepdim=True) + c.norm_eps).sqrt() * w.double()
+
+    x = model.wte.weight.double()[idx[0]]
+    kv = None
+    for block in model.blocks:
+        attn, h = block.attn, norm(x, block.attn_norm.weight)
+        q = rope((h @ attn.q_proj.weight.double().T).view(T, c.n_head, D).transpose(0, 1))
+        if attn.kind != "S":
+            k, v = (h @ attn.kv_proj.weight.double().T).view(T, 2, c.n_kv_head, D).unbind(1)
+            k, v = rope(k.transpose(0, 1)), v.transpose(0, 1)
+            kv = (k, v) if attn.kind == "G" else kv
+        else:
+            k, v = kv
+        g = c.n_head // c.n_kv_head
+        k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+        i, j = torch.arange(T)[:, None], torch.arange(T)
+        allowed = (j <= i) & ((j > i - attn.window) if attn.window else True)
+        p = ((q @ k.transpose(-1, -2)) / D ** 0.5).masked_fill(~allowed, float("-inf")).softmax(-1)
+        x = x + (p @ v).transpose(0, 1).reshape(T, -1) @ attn.o_proj.weight.double().T
+        h, f = norm(x, block.ffn_norm.weight), block.ffn
+        x = x + (torch.nn.functional.silu(h @ f.w1.weight.double().T) * (h @ f.w3.weight.double().T)) @ \
+            f.w2.weight.double().T
+    return norm(x, model.norm.weight) @ model.wte.weight.double().T
+
+
+def test_the_default_settings_compute_the_plain_transformer_and_the_remedies_start_from_it():
+    """With its defaults (no x0_mix, no global_x0, no attention-only layers) the model computes what the plain
+    formulas give; x0_mix starts from exactly the model without it (its scales 1 and 0), from the same seed."""
+    settings = {**SMALL, "n_dense_layers": 8, "vocab_size": 64}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**settings), verbose=False)
+    idx = torch.randint(0, 64, (1, 24))
+    with torch.no_grad():
+        logits, _ = model(idx, idx)
+    torch.testing.assert_close(logits[0].double(), naive_logits(model, idx), atol=1e-4, rtol=1e-4)
+    torch.manual_seed(0)
+    mixed = GPT(GPTConfig(**settings, x0_mix=True), verbose=False)
+    with torch.no_grad():
+        assert torch.equal(mixed(idx, idx)[0], logits)
+    assert {n for n, _ in mixed.named_parameters()} - {n for n, _ in model.named_parameters()} == \
+        {"x_scale", "x0_scale"}
+
+
+@pytest.mark.parametrize("settings", [dict(global_x0=True), dict(n_attn_only=3, n_dense_layers=2),
+                                      dict(x0_mix=True, global_x0=True)])
+def test_each_remedy_decodes_through_the_cache_as_a_full_recompute(settings):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**SMALL, **settings}), verbose=False).eval()
+    idx = torch.randint(0, 101, (2, 6))
+    seq = idx
+    with torch.no_grad():
+        for _ in range(3 * SMALL["window"]):
+            seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(model.generate(idx, 3 * SMALL["window"], temperature=0), seq)

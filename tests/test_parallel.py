@@ -238,3 +238,17 @@ def test_a_damaged_sharded_checkpoint_is_refused_in_one_line_by_every_reader(run
     done = run(TORCHRUN + ["--nproc_per_node=2", "train.py", config, "--parallel=fsdp"])
     ranks = done.stderr.split("Traceback (most recent call last):\n  File")[0]  # (torchrun's own report follows)
     assert done.returncode != 0 and ranks.count(message) == 2 and "Traceback" not in ranks, done.stderr[-3000:]
+
+
+def test_consolidating_a_run_pt_without_its_settings_is_one_line(runs, tmp_path):
+    import shutil
+    out = tmp_path / "bare"
+    shutil.copytree(runs["fsdp"], out)
+    run_pt = out / "sharded" / (out / "sharded" / "latest").read_text().strip() / "run.pt"
+    state = torch.load(run_pt, weights_only=True)
+    del state["train_config"]
+    torch.save(state, run_pt)
+    done = run([sys.executable, "-m", "infra.checkpoint", str(out)])
+    assert done.returncode == 1 and "lacks train_config" in done.stderr and "Traceback" not in done.stderr, \
+        done.stderr[-2000:]
+    assert not (out / "ckpt.pt").exists()

@@ -99,3 +99,27 @@ def test_recall_buckets_by_hand():
     assert s["by_gap"] == {"2": 1.0, "8": 0.0, "16": 1.0, "32": 1.0, "64": 0.0, "256": 1.0} and s["all"] == 5 / 7
     assert N_KEYS * N_VALUES == 64  # (every pair is one continuation byte after 0xC4: 0x80-0xBF)
     assert json.dumps(s)  # (it goes to metrics.jsonl as it is)
+
+
+def test_the_retrieval_diagnostic_reads_a_hand_built_attention_pattern():
+    """Two heads over rows of 12 positions: head 0 puts 0.6 on the query's pair (0.25 and 0.35 on its two bytes)
+    and spreads the rest evenly over the earlier positions; head 1 puts everything on the query itself. For a
+    window of 3 the mass on the last window is what the hand puts there."""
+    from infra.evaluation import retrieval_masses
+    T, window = 12, 3
+    probs = torch.zeros(2, 2, T, T)
+    queries = [(0, 8, 5), (1, 9, 7)]  # (row, at, gap): the query's key at byte `at` = position at + 1
+    expected_recent = []
+    for row, at, gap in queries:
+        t = at + 1  # (row position = byte offset + 1: each row starts with the end-of-text)
+        pair = [at - gap - 1 + 1, at - gap + 1]  # the pair's two bytes end `gap` bytes before the key's last byte
+        rest = [j for j in range(t + 1) if j not in pair]
+        probs[row, 0, t, pair] = torch.tensor([0.25, 0.35])
+        probs[row, 0, t, rest] = 0.4 / len(rest)
+        probs[row, 1, t, t] = 1.0
+        expected_recent.append(sum(probs[row, 0, t, j].item() for j in range(t - window + 1, t + 1)))
+    pair, recent = retrieval_masses(probs, queries, window)
+    torch.testing.assert_close(pair, torch.tensor([0.6, 0.0]))
+    torch.testing.assert_close(recent, torch.tensor([sum(expected_recent) / 2, 1.0]))
+    # a window longer than the row so far: everything up to the query is recent
+    torch.testing.assert_close(retrieval_masses(probs, [(0, 8, 5)], 50)[1], torch.tensor([1.0, 1.0]))

@@ -21,7 +21,6 @@ noisy), printed as a table.
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -399,4 +398,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

@@ -13,7 +13,7 @@ first token, mean over requests (all arrive at once, so later ones wait for the 
 from the cache's own byte count, how many sequences of the yi_lightning_like shape fit in 80 GB of KV memory.
 """
 
-import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -71,16 +71,38 @@ def models(cfg, device):
 
 
 def serve(model, budget, context, n, new_tokens):
-    """(rows decoding at once, decode tokens/s, mean seconds to first token) of n requests of `context` positions.
-    Decode tokens/s: the tokens the batched decoding steps produced over the time spent in them (the prefills
-    between them, which admit each waiting request, are the time to first token's)."""
+    """(rows decoding at once, decode tokens/s, end-to-end tokens/s, mean seconds to first token) of n requests of
+    `context` positions, all arriving at once. Decode tokens/s: the tokens the batched decoding steps produced over
+    the time spent in them; end-to-end: every generated token over the whole serve, the prefills included."""
     engine = Engine(model, budget, max_len=context, max_batch=n)
     g = torch.Generator().manual_seed(n)
     requests = [Request(torch.randint(0, 256, (context - new_tokens + 1,), generator=g).tolist(), new_tokens)
                 for _ in range(n)]
+    t0 = time.perf_counter()
     results = list(engine.serve(requests))
+    whole = time.perf_counter() - t0
     stats = engine.stats
-    return engine.n_rows, stats["decode_tokens"] / stats["decode_s"], sum(r.first_token_s for r in results) / n
+    return (engine.n_rows, stats["decode_tokens"] / stats["decode_s"], n * new_tokens / whole,
+            sum(r.first_token_s for r in results) / n)
+
+
+def shared_prefill(model, budget, context, n, new_tokens):
+    """Seconds to serve n samples of one prompt: added as one request with n samples (one prefill, its rows
+    copied), and as n separate requests (n prefills). Sampled at temperature 1, each sample its own seed."""
+    prompt = torch.randint(0, 256, (context - new_tokens + 1,), generator=torch.Generator().manual_seed(0)).tolist()
+    times = {}
+    for way in ("one prefill", "n prefills"):
+        engine = Engine(model, budget, max_len=context, max_batch=n)
+        t0 = time.perf_counter()
+        if way == "one prefill":
+            engine.add_request(Request(prompt, new_tokens, temperature=1.0), n=n)
+        else:
+            for j in range(n):
+                engine.add_request(Request(prompt, new_tokens, temperature=1.0, seed=j))
+        while engine.busy():
+            engine.step()
+        times[way] = (time.perf_counter() - t0, engine.stats["prefill_s"])
+    return times
 
 
 def table(rows, header):
@@ -98,14 +120,16 @@ def sweep(cfg, device, nets, budget, points):
         for name, model in nets.items():
             fit = int(budget // kv_cache_bytes(model.config, context, dtype))  # (sequences the budget holds)
             if fit < 1:
-                cells += ["0 fit", "-", "-"]
+                cells += ["0 fit", "-", "-", "-"]
                 continue
             runs = [serve(model, budget, context, n, cfg.new_tokens) for _ in range(cfg.repeats)]
-            slots, tok_s, ttft = (sorted(r[i] for r in runs)[len(runs) // 2] for i in range(3))  # (medians)
-            speed[name] = tok_s
-            cells += [f"{slots}/{fit}", f"{tok_s:,.0f}", f"{ttft:.2f}"]
-        ratio = speed.get("hybrid MoE", 0) / speed["all-global MoE"] if "all-global MoE" in speed else None
-        cells.append(f"{ratio:.2f}x" if ratio else "(all-global: none fit)")
+            rows_, decode, whole, ttft = (sorted(r[i] for r in runs)[len(runs) // 2] for i in range(4))  # (medians)
+            speed[name] = (decode, whole)
+            cells += [f"{rows_}/{fit}", f"{decode:,.0f}", f"{whole:,.0f}", f"{ttft:.2f}"]
+        if "all-global MoE" in speed and "hybrid MoE" in speed:
+            cells += [f"{speed['hybrid MoE'][i] / speed['all-global MoE'][i]:.2f}x" for i in range(2)]
+        else:
+            cells += ["(all-global: none fit)", ""]
         rows.append(cells)
     return rows
 
@@ -124,18 +148,26 @@ def yi_table():
 
 
 def main(argv):
-    cfg, = cli.load(argv, ServingConfig)
+    try:
+        tables(*cli.load(argv, ServingConfig))
+    except ValueError as e:  # (a budget too small for one sequence, a context too long for the models)
+        raise SystemExit(f"cannot serve: {e}") from None
+
+
+def tables(cfg):
     device = cli.resolve_device(cfg.device)
     budget = cfg.budget_mib * 2 ** 20
     nets = models(cfg, device)
     for model in nets.values():  # a warm-up serve each: first calls pay for allocations and kernel choices
         serve(model, budget, 2 * cfg.new_tokens, 2, cfg.new_tokens)
-    header = ["ctx", "N"] + [f"{m} {c}" for m in nets for c in ("rows", "tok/s", "ttft")] + ["hybrid/global tok/s"]
+    header = ["ctx", "N"] + [f"{m} {c}" for m in nets for c in ("rows", "decode tok/s", "e2e tok/s", "ttft")] + \
+        ["hybrid/global decode", "hybrid/global e2e"]
     print(f"bench_serving on {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; KV budget "
           f"{cfg.budget_mib:g} MiB; {cfg.n_layer} layers x {cfg.n_embd}, window {cfg.window}; {cfg.new_tokens} new "
           f"tokens per request; medians of {cfg.repeats} serves.\nrows: sequences decoding at once / that fit in the "
-          f"budget; tok/s: output tokens per second of the decoding steps (prefills apart); ttft: mean seconds to "
-          f"first token.")
+          f"budget; decode tok/s: output tokens per second of the decoding steps (prefills apart); e2e tok/s: output "
+          f"tokens per second of the whole serve (prefills included); ttft: mean seconds to first token (all arrive "
+          f"at once).")
     active = {name: m.num_params(active=True) for name, m in nets.items()}
     print("active parameters per token:", ", ".join(f"{k} {v:,}" for k, v in active.items()))
     print(f"\n1. N requests of {cfg.context_1} positions")
@@ -144,9 +176,13 @@ def main(argv):
     print(f"\n2. {cfg.requests_2} requests, longer contexts")
     print(table(sweep(cfg, device, nets, budget, [(c, cfg.requests_2) for c in cfg.contexts]),
                 header))
-    print("\n3. the yi_lightning_like shape, KV cache only (bf16), from the cache's byte count")
+    print(f"\n3. {cfg.requests_2} samples of one prompt of {cfg.context_1} positions (hybrid MoE): one shared prefill "
+          f"against one per sample")
+    times = shared_prefill(nets["hybrid MoE"], budget, cfg.context_1, cfg.requests_2, cfg.new_tokens)
+    print(table([[way, f"{t:.2f} s", f"{p:.2f} s"] for way, (t, p) in times.items()], ["", "serve", "of it prefill"]))
+    print("\n4. the yi_lightning_like shape, KV cache only (bf16), from the cache's byte count")
     print(yi_table())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

@@ -196,9 +196,10 @@ def check_serving(cfg):
         alone = [model.generate(torch.tensor([prompt[i:]], device=device), 48, temperature=0)[0, 199 - i:].tolist()
                  for i in range(4)]
     same = sum(a == b for i in range(4) for a, b in zip(served[i], alone[i]))
-    (h_rows, h_tok, _), (g_rows, g_tok, _) = got.values()
-    return (f"{n} x {context}: hybrid {h_rows} rows {h_tok:,.0f} tokens/s, all-global {g_rows} rows {g_tok:,.0f} "
-            f"({h_tok / g_tok:.2f}x); greedy tokens equal to generate's: {same}/{4 * 48}")
+    (h_rows, h_tok, h_e2e, _), (g_rows, g_tok, g_e2e, _) = got.values()
+    return (f"{n} x {context}: hybrid {h_rows} rows {h_tok:,.0f} decode tokens/s ({h_e2e:,.0f} end to end), "
+            f"all-global {g_rows} rows {g_tok:,.0f} ({g_e2e:,.0f}): {h_tok / g_tok:.2f}x decode, {h_e2e / g_e2e:.2f}x "
+            f"end to end; greedy tokens equal to generate's: {same}/{4 * 48}")
 
 
 def check_torchrun(cfg):
@@ -243,4 +244,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    cli.run(main)
