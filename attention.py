@@ -43,9 +43,9 @@ def causal_attention(q, k, v, window=None, mask=None):
     if window is not None:
         if q.is_cuda:
             return flex_local_attention(q, k, v, window)
-        if S > 2 * window:
+        if S > BLOCKED_FROM * window:
             return _local_attention(q, k, v, window)
-        # Short: one masked call over all T x S pairs scores no more than the blocks would (about T * 2w),
+        # Short: one masked call over all T x S pairs scores hardly more than the blocks would (about T * 2w),
         # and saves the blocked kernel's dozen extra ops.
     elif T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hq != Hkv)
@@ -59,6 +59,7 @@ def causal_attention(q, k, v, window=None, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hkv)
 
 
+BLOCKED_FROM = 4  # windows of keys from which the blocked kernel beats one masked call (docs/serving.md, prefill)
 SCORES_PER_CALL = 2 ** 21  # attention scores per SDPA call in the local kernel (8 MB in fp32)
 
 

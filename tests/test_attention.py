@@ -28,7 +28,7 @@ CASES = [  # (T, S, Hq, Hkv, window)
     (16, 16, 2, 1, 1),     # window 1: each query sees only itself
     (33, 33, 4, 2, 5),     # GQA 2
     (33, 33, 8, 2, 6),     # GQA 4
-    (20, 20, 4, 2, 12),    # short (S <= 2 * window): one masked call instead of blocks
+    (20, 20, 4, 2, 12),    # short (S <= 4 windows): one masked call instead of blocks
     (5, 30, 4, 2, 16),     # short, continuing a cache
     (7, 40, 4, 2, 9),      # S > T: queries continue a cache
     (1, 40, 4, 1, 9),      # one decoding query

@@ -86,6 +86,31 @@ def serve(model, budget, context, n, new_tokens):
             sum(r.first_token_s for r in results) / n)
 
 
+def prefill_rule(nets, budget, context, n, new_tokens, repeats):
+    """{(blocked_from, model): median prefill seconds of n prompts of `context` positions}: the local layers' kernel
+    chosen from S > 2 windows (the rule before) and from S > attention.BLOCKED_FROM windows (now), side by side."""
+    import attention
+    now, out = attention.BLOCKED_FROM, {}
+    try:
+        for rule in (2, now):
+            attention.BLOCKED_FROM = rule
+            for name in ("hybrid MoE", "all-global MoE"):
+                times = []
+                for _ in range(repeats):
+                    engine = Engine(nets[name], budget, max_len=context, max_batch=n)
+                    g = torch.Generator().manual_seed(n)
+                    for _ in range(n):
+                        engine.add_request(Request(torch.randint(0, 256, (context - new_tokens + 1,),
+                                                                 generator=g).tolist(), 1))
+                    while engine.busy():
+                        engine.step()
+                    times.append(engine.stats["prefill_s"])
+                out[rule, name] = sorted(times)[len(times) // 2]
+    finally:
+        attention.BLOCKED_FROM = now
+    return out
+
+
 def shared_prefill(model, budget, context, n, new_tokens):
     """Seconds to serve n samples of one prompt: added as one request with n samples (one prefill, its rows
     copied), and as n separate requests (n prefills). Sampled at temperature 1, each sample its own seed."""
@@ -180,7 +205,13 @@ def tables(cfg):
           f"against one per sample")
     times = shared_prefill(nets["hybrid MoE"], budget, cfg.context_1, cfg.requests_2, cfg.new_tokens)
     print(table([[way, f"{t:.2f} s", f"{p:.2f} s"] for way, (t, p) in times.items()], ["", "serve", "of it prefill"]))
-    print("\n4. the yi_lightning_like shape, KV cache only (bf16), from the cache's byte count")
+    print(f"\n4. prefill of {cfg.requests_2} prompts of {cfg.context_1} positions (chunks of 512): the local layers' "
+          f"kernel, blocked from S > 2 windows (before) or from S > 4 (now)")
+    pre = prefill_rule(nets, budget, cfg.context_1, cfg.requests_2, cfg.new_tokens, cfg.repeats)
+    print(table([[f"S > {rule} windows", f"{pre[rule, 'hybrid MoE']:.2f} s", f"{pre[rule, 'all-global MoE']:.2f} s",
+                  f"{pre[rule, 'hybrid MoE'] / pre[rule, 'all-global MoE']:.2f}x"] for rule in (2, 4)],
+                ["blocked kernel from", "hybrid MoE prefill", "all-global MoE prefill", "hybrid / all-global"]))
+    print("\n5. the yi_lightning_like shape, KV cache only (bf16), from the cache's byte count")
     print(yi_table())
 
 
