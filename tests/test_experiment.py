@@ -105,8 +105,8 @@ def test_scale_shortens_every_stage_and_its_warmup(corpora):
 
 
 def test_an_empty_out_dir_is_refused():
-    result = subprocess.run([sys.executable, "-m", "tools.experiment", "routing", "--out_dir="], capture_output=True, text=True,
-                            cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "tools.experiment", "routing", "--out_dir="], capture_output=True,
+                            text=True, cwd=ROOT)
     assert result.returncode == 1 and "out_dir must name a folder" in result.stderr, result.stderr[-2000:]
 
 
@@ -120,8 +120,8 @@ def test_an_empty_out_dir_is_refused():
 ])
 def test_bad_experiment_arguments_exit_with_a_message_and_train_nothing(tmp_path, args, message):
     out_dir = tmp_path / "never"
-    result = subprocess.run([sys.executable, "-m", "tools.experiment", *args, f"--out_dir={out_dir}"], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "tools.experiment", *args, f"--out_dir={out_dir}"],
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not out_dir.exists()
 

@@ -136,7 +136,8 @@ def test_samples_served_together_are_each_the_sample_served_alone(char_run, tmp_
                      "--max_new_tokens=25"])
         text = alone.stdout.split("---")[0]  # (the prompt and its sample; then the timing line)
         for n in (1, 2):
-            block = f"--- prompt {i + 1}/3, sample {n}/2 ---\n{text.removesuffix(chr(10))}\n--- 25 tokens, max_new_tokens ---\n"
+            block = (f"--- prompt {i + 1}/3, sample {n}/2 ---\n{text.removesuffix(chr(10))}\n"
+                     f"--- 25 tokens, max_new_tokens ---\n")
             assert block in served.stdout, (block, served.stdout)
 
 

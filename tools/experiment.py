@@ -732,8 +732,8 @@ def run_experiment(cfg, name):
     minutes = {"training": sum(training_minutes(r) for dirs in runs.values() for r in dirs),
                "measuring": (time.time() - t0) / 60}
     default = ExperimentConfig()
-    command = " ".join(["python -m tools.experiment", name] + [f"--{k}={v}".replace(" ", "")
-                                                               for k, v in asdict(cfg).items() if v != getattr(default, k)])
+    changed = [f"--{k}={v}".replace(" ", "") for k, v in asdict(cfg).items() if v != getattr(default, k)]
+    command = " ".join(["python -m tools.experiment", name] + changed)
     results.update(command=command, seeds=cfg.seeds, scale=cfg.scale, minutes=minutes,
                    runs={arm: [" ".join(shlex.quote(c) for c in train_command(cfg, name, arm, s)[0][1:])
                                for s in cfg.seeds] for arm in runs}, verdicts=verdicts)
