@@ -107,7 +107,7 @@ class TrainConfig:
     log_interval: int = 10               # steps between log lines in metrics.jsonl
     ckpt_interval: int = 100             # steps between checkpoints (and at every stage end)
     resume: bool = True                  # continue from out_dir/ckpt.pt when it exists
-    seed: int = 1337                     # seeds the model init, the data order and dropout
+    seed: int = 1337                     # seeds the model init and the data order
     device: str = "auto"                 # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"                  # "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float32"
     compile: Optional[bool] = None       # torch.compile the model; None: on for CUDA, off for CPU

@@ -77,8 +77,9 @@ ARMS = {
                 "top_p_fixed": [ARM_DIR + "routing.py", ARM_DIR + "routing_top_p_fixed.py"]},
     "stages": {"three_stages": ["config/default.py"],  # the quickstart run itself
                "one_stage": ["config/default.py", ARM_DIR + "stages.py"]},
-    "hybrid_2layer": {arm: [ARM_DIR + "hybrid_2layer.py", f"--attn_pattern={arm[:2]}", *extra] for arm, extra in
-                      [("GG", []), ("GL", []), ("LG", []), ("LG_global_x0", ["--global_x0=True"])]},
+    "hybrid_2layer": {arm: [ARM_DIR + "hybrid_2layer.py", *extra, f"--attn_pattern={arm[:2]}"] for arm, extra in
+                      [("GG", []), ("GL", []), ("LG", []), ("LG_global_x0", ["--global_x0=True"]),
+                       ("LG_window_1_first", [ARM_DIR + "hybrid_2layer_window.py"])]},
     "long_context": {"none": [ARM_DIR + "long_context.py", ARM_DIR + "long_context_none.py"],
                      "same_base": [ARM_DIR + "long_context.py", ARM_DIR + "long_context_same_base.py"],
                      "raised_base": [ARM_DIR + "long_context.py", ARM_DIR + "long_context_raised_base.py"]},
@@ -372,6 +373,9 @@ def pair_attention_curve(run):
             if r["kind"] == "eval" and r.get("retrieval")]
 
 
+REMEDIES_2LAYER = ("LG_global_x0", "LG_window_1_first")  # each against LG (does it help?) and GL (how far from it?)
+
+
 def hybrid_2layer(cfg, runs, folder):
     docs = evaluation.read_recall()
     results = {"arms": {}}
@@ -395,10 +399,10 @@ def hybrid_2layer(cfg, runs, folder):
                        [cell(r[k], 2) for k in ("pair", "recent", "share", "probe")] for arm, r in a.items()])
     far = buckets[1:]
     verdicts = [compare(f"recall, gap {b}", x, a[x]["recall"][b], y, a[y]["recall"][b], higher_is_better=True,
-                        digits=2) for x, y in (("GL", "LG"), ("LG_global_x0", "LG"), ("LG_global_x0", "GL"))
-                for b in far]
+                        digits=2) for x, y in (("GL", "LG"), *((remedy, other) for remedy in REMEDIES_2LAYER
+                                                                  for other in ("LG", "GL"))) for b in far]
     verdicts += [compare("attention to the pair", x, a[x]["pair"], y, a[y]["pair"], higher_is_better=True, digits=2)
-                 for x, y in (("GL", "LG"), ("LG_global_x0", "LG"))]
+                 for x, y in (("GL", "LG"), *((remedy, "LG") for remedy in REMEDIES_2LAYER))]
     plot_pair_attention(a, folder)
     return results, lines, verdicts
 

@@ -1,6 +1,6 @@
 # Experiment "hybrid" (python -m tools.experiment hybrid): does 3 local : 1 global attention with shared K/V recall as
 # far as all-global attention, with and without its global layers reading the token embeddings (global_x0), and with
-# the global layer first? What does each cost in quality? (800 steps: four arms of three seeds in 25 minutes.)
+# the global layer first? What does each cost in quality? (800 steps per arm.)
 # This file is what the arms share; the arm file that follows it on the command line sets the attention:
 #   python train.py config/experiments/hybrid.py config/experiments/hybrid_all_global.py
 # 8 layers so that LLLG holds two global layers to pair; dense MLPs, so that attention is the only difference.
