@@ -250,6 +250,9 @@ def run(main):
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout left (`--help | head`): stop quietly, as a Unix tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so the exit's flush cannot fail again)
+        sys.exit(1)
 
 
 def valid_seed(value):

@@ -146,9 +146,13 @@ def plot_load(train):
 
 
 def main(argv):
-    if len(argv) != 1 or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m infra.plot out/<run>   (writes out/<run>/plots/ from its metrics.jsonl)")
-    plot_run(argv[0])
+    usage = "usage: python -m infra.plot out/<run>   (writes out/<run>/plots/ from its metrics.jsonl)"
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+    elif len(argv) != 1 or argv[0].startswith("-"):
+        raise SystemExit(usage)
+    else:
+        plot_run(argv[0])
 
 
 if __name__ == "__main__":

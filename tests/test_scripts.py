@@ -165,3 +165,16 @@ def test_several_samples_stream_in_order_as_the_engine_produces_them(char_run, m
         [Request(prompt, 40, 1.0, seed=cfg.seed + n) for n in range(3)])
     for r in sorted(offline, key=lambda r: r.index):
         assert f"sample {r.index + 1}/3 ---\nROMEO:{r.text}\n--- 40 tokens, max_new_tokens ---" in printed, printed
+
+
+@pytest.mark.parametrize("module", ["tools.experiment", "tools.bench", "tools.bench_nanogpt", "tools.bench_serving",
+                                    "tools.bench_data", "tools.gpu_check", "infra.checkpoint", "infra.plot"])
+def test_every_tool_answers_help_with_its_usage_and_success(module, capsys):
+    import importlib
+    try:
+        importlib.import_module(module).main(["--help"])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr().out
+    assert code in (0, None) and ("usage: python -m " + module in out or "settings (--key=value):" in out), out
