@@ -27,7 +27,6 @@ import os
 import pickle
 import re
 import shutil
-import sys
 
 import torch
 
@@ -534,12 +533,10 @@ def consolidate(out_dir):
 def main(argv):
     usage = ("usage: python -m infra.checkpoint OUT_DIR\n  writes OUT_DIR/ckpt.pt (whole tensors, for sample.py) from "
              "the newest sharded checkpoint of a run trained with parallel='fsdp' or ep > 1")
-    if argv in (["-h"], ["--help"]):
-        print(usage)
-    elif len(argv) != 1 or argv[0].startswith("-"):
-        sys.exit(usage)
-    else:
-        print(f"wrote {consolidate(argv[0])}")
+    from infra import cli
+    out_dir = cli.one_path(argv, usage)
+    if out_dir is not None:
+        print(f"wrote {consolidate(out_dir)}")
 
 
 if __name__ == "__main__":

@@ -255,6 +255,17 @@ def run(main):
         sys.exit(1)
 
 
+def one_path(argv, usage):
+    """The one path a single-argument tool takes (python -m infra.plot out/run): None after printing usage for
+    -h or --help, SystemExit(usage) for anything else."""
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return None
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise SystemExit(usage)
+    return argv[0]
+
+
 def valid_seed(value):
     """Whether value seeds numpy and torch alike, with room for the per-rank offset train.py adds: a whole number
     in [0, 2**32)."""

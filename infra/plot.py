@@ -146,13 +146,10 @@ def plot_load(train):
 
 
 def main(argv):
-    usage = "usage: python -m infra.plot out/<run>   (writes out/<run>/plots/ from its metrics.jsonl)"
-    if argv in (["-h"], ["--help"]):
-        print(usage)
-    elif len(argv) != 1 or argv[0].startswith("-"):
-        raise SystemExit(usage)
-    else:
-        plot_run(argv[0])
+    from infra import cli
+    run = cli.one_path(argv, "usage: python -m infra.plot out/<run>   (writes out/<run>/plots/ from its metrics.jsonl)")
+    if run is not None:
+        plot_run(run)
 
 
 if __name__ == "__main__":
