@@ -79,7 +79,9 @@ ARMS = {
                "one_stage": ["config/default.py", ARM_DIR + "stages.py"]},
     "hybrid_2layer": {arm: [ARM_DIR + "hybrid_2layer.py", *extra, f"--attn_pattern={arm[:2]}"] for arm, extra in
                       [("GG", []), ("GL", []), ("LG", []), ("LG_global_x0", ["--global_x0=True"]),
-                       ("LG_window_1_first", [ARM_DIR + "hybrid_2layer_window.py"])]},
+                       ("LG_window_1_first", [ARM_DIR + "hybrid_2layer_window.py"]),
+                       ("LG_x0_window_1_first", [ARM_DIR + "hybrid_2layer_window.py", "--global_x0=True"]),
+                       ("LG_x0_mix", ["--x0_mix=True"]), ("LG_attn_only", ["--n_attn_only=1", "--n_dense_layers=1"])]},
     "long_context": {"none": [ARM_DIR + "long_context.py", ARM_DIR + "long_context_none.py"],
                      "same_base": [ARM_DIR + "long_context.py", ARM_DIR + "long_context_same_base.py"],
                      "raised_base": [ARM_DIR + "long_context.py", ARM_DIR + "long_context_raised_base.py"]},
@@ -373,7 +375,8 @@ def pair_attention_curve(run):
             if r["kind"] == "eval" and r.get("retrieval")]
 
 
-REMEDIES_2LAYER = ("LG_global_x0", "LG_window_1_first")  # each against LG (does it help?) and GL (how far from it?)
+# Each remedy against LG (does it help?) and GL (how far from it?)
+REMEDIES_2LAYER = ("LG_global_x0", "LG_window_1_first", "LG_x0_window_1_first", "LG_x0_mix", "LG_attn_only")
 
 
 def hybrid_2layer(cfg, runs, folder):

@@ -1,7 +1,8 @@
 # Experiment "hybrid_2layer" (python -m tools.experiment hybrid_2layer): why a global layer placed after a local one
 # does not learn to look a token up, at the smallest scale that shows it. Two layers, 64 wide, dense MLPs, window 8 in
-# 128 positions, one stage of the recall-heavy mixture; the arms set the layout on the command line (GG, GL, LG, and
-# LG whose global layer also reads the token embeddings: global_x0).
+# 128 positions, one stage of the recall-heavy mixture; the arms set the layout on the command line (GG, GL, LG) and
+# LG's remedies: its global layer also reading the token embeddings (global_x0), a window of 1 first (the next file),
+# both, a learned mix of the embeddings into every block (x0_mix), and an attention-only first block (n_attn_only).
 preset = "tiny_8x64"
 n_layer = 2
 n_dense_layers = 2
