@@ -81,12 +81,13 @@ def append_metrics(path, record):
                          f"The run's checkpoint is intact: fix that and run the same command again to resume") from None
 
 
-def save_atomic(obj, path):
+def save_atomic(obj, path, write=None):
     """Write to path.tmp, then rename: a crash leaves either the old file or the new one, never half of one.
-    A failed write (a full disk, a folder gone read-only) removes the .tmp and stops with the path."""
+    A failed write (a full disk, a folder gone read-only) removes the .tmp and stops with the path.
+    write(obj, file path): how to write obj; torch.save unless given (a report passes a text writer)."""
     tmp = path + ".tmp"
     try:
-        torch.save(obj, tmp)
+        (write or torch.save)(obj, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # (torch reports a short write as a RuntimeError)
         if os.path.exists(tmp):

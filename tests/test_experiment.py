@@ -154,3 +154,16 @@ def test_the_ridge_probe_reads_a_linear_code_and_not_noise():
     assert evaluation.ridge_probe_accuracy(features, labels, fit) > 0.99
     shuffled = labels[torch.randperm(2000, generator=g)]  # labels that the features do not carry
     assert abs(evaluation.ridge_probe_accuracy(features, shuffled, fit) - 1 / 16) < 0.04
+
+
+def test_a_report_whose_write_fails_leaves_the_previous_one_and_no_tmp(tmp_path):
+    from infra.checkpoint import save_atomic
+    path = str(tmp_path / "results.md")
+    save_atomic("old report\n", path, write=experiment.write_text)
+
+    def full_disk(text, file):
+        experiment.write_text(text[:3], file)
+        raise OSError(28, "No space left on device")
+    with pytest.raises(SystemExit, match=r"could not write .*results.md .*Disk full"):
+        save_atomic("new report\n", path, write=full_disk)
+    assert os.listdir(tmp_path) == ["results.md"] and open(path).read() == "old report\n"

@@ -41,7 +41,7 @@ from infra import evaluation
 from attention import GLOBAL, LOCAL, SHARING
 from model import kv_cache_bytes, kv_cache_ratio, preset
 from infra.plot import gap_ticks, read_metrics, save_figure, stage_starts
-from infra.checkpoint import load_run
+from infra.checkpoint import load_run, save_atomic
 from data.recall.prepare import N_VALUES
 from sample import show_experts
 
@@ -721,6 +721,11 @@ def json_ready(x):
     return x
 
 
+def write_text(text, path):
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def training_minutes(run):
     """Minutes a run spent in train.py, from its own clock (wall_s in metrics.jsonl, which restarts at each resume):
     an experiment run again after its runs finished reports their training time, not the time it took to load them."""
@@ -744,17 +749,15 @@ def run_experiment(cfg, name):
     results.update(command=command, seeds=cfg.seeds, scale=cfg.scale, minutes=minutes,
                    runs={arm: [" ".join(shlex.quote(c) for c in train_command(cfg, name, arm, s)[0][1:])
                                for s in cfg.seeds] for arm in runs}, verdicts=verdicts)
-    with open(os.path.join(folder, "results.json"), "w") as f:
-        json.dump(json_ready(results), f, indent=1)
-    report = ([f"# Experiment: {name}", "", f"`{command}`: {len(cfg.seeds)} seeds ({', '.join(map(str, cfg.seeds))}) "
+    save_atomic(json.dumps(json_ready(results), indent=1), os.path.join(folder, "results.json"), write=write_text)
+    report = ([f"# Experiment: {name}", "", f"`{command}`: {len(cfg.seeds)} seed{'s' * (len(cfg.seeds) > 1)} ({', '.join(map(str, cfg.seeds))}) "
                f"per arm, {sum(minutes.values()):.1f} minutes on this machine ({minutes['training']:.1f} training, "
                f"{minutes['measuring']:.1f} measuring). Cells: mean ± half the range over seeds.", ""]
               + lines + ["", f"Verdicts (a difference counts only when the seed ranges do not overlap, which two arms "
                          f"that do not differ do {false_positive_rate(len(cfg.seeds)):.0%} of the time at "
                          f"{len(cfg.seeds)} seeds each):", ""]
               + [f"- {v}" for v in verdicts])
-    with open(os.path.join(folder, "results.md"), "w") as f:
-        f.write("\n".join(report) + "\n")
+    save_atomic("\n".join(report) + "\n", os.path.join(folder, "results.md"), write=write_text)
     print("\n".join(report))
     print(f"\nwritten to {folder}/: results.json, results.md and " +
           ", ".join(sorted(f for f in os.listdir(folder) if f.endswith(".png"))))
